@@ -1,0 +1,167 @@
+"""The `tether` command: demo, sft, reward, ppo, sample.
+
+Each training command takes ``--config FILE.yaml`` and dotted overrides (``ppo.clip_range=0.1``), writes a run folder
+(resolved config, metrics.jsonl, model, plot) and exits non-zero with a one-line message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tether.config import RunConfig, build_config, help_text
+from tether.errors import TetherError
+
+SECTIONS = {
+    "demo": ["model", "sampling", "sft", "reward", "ppo", "logging", "demo"],
+    "sft": ["model", "sft", "logging"],
+    "reward": ["model", "reward", "logging"],
+    "ppo": ["model", "sampling", "ppo", "logging"],
+}
+DESCRIPTIONS = {
+    "demo": "Run the whole flow on the embedded arithmetic task: SFT -> preferences -> reward model -> PPO -> eval.",
+    "sft": "Supervised fine-tuning on {prompt, response} JSONL (sft.data).",
+    "reward": "Train a reward model on {prompt, chosen, rejected} JSONL (reward.data).",
+    "ppo": "PPO against a reward model or reward function (model.reward_model) on {prompt} JSONL (ppo.prompts).",
+    "sample": "Sample responses from a model folder.",
+}
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _base_config(command: str) -> RunConfig:
+    if command == "demo":
+        from tether.demo.pipeline import demo_config
+
+        return demo_config()
+    return RunConfig()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether", description="RLHF with PPO, tethered to a frozen reference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SECTIONS:
+        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], add_help=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-h", "--help", action="store_true", help="list every config field with one line each")
+        p.add_argument("--config", help="YAML file of config sections")
+        p.add_argument("overrides", nargs="*", help="dotted overrides such as ppo.clip_range=0.1")
+    p = sub.add_parser("sample", help=DESCRIPTIONS["sample"], description=DESCRIPTIONS["sample"])
+    p.add_argument("model", help="a causal-LM folder (e.g. runs/demo-.../ppo/model)")
+    p.add_argument("prompts", nargs="+", help="prompt texts")
+    p.add_argument("-n", "--num", type=int, default=1, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Accept '--ppo.clip_range=0.1' as well as 'ppo.clip_range=0.1' for overrides."""
+    known, overrides = [], []
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg and not arg.startswith("--config="):
+            overrides.append(arg[2:])
+        else:
+            known.append(arg)
+    return known, overrides
+
+
+def run(argv: list[str]) -> int:
+    known, extra = _split_args(argv)
+    args = _parser().parse_args(known)
+    if args.command == "sample":
+        return _sample(args)
+    if args.help:
+        print(f"usage: tether {args.command} [--config FILE.yaml] [section.field=value ...]\n")
+        print(DESCRIPTIONS[args.command] + "\n\nconfig fields (default, meaning):")
+        print(help_text(_base_config(args.command), SECTIONS[args.command]))
+        return 0
+    _quiet_transformers()
+    config = build_config(args.config, list(args.overrides) + extra, base=_base_config(args.command))
+    from tether.trainers.common import make_run_dir, seed_everything
+
+    run_dir = make_run_dir(config, args.command)
+    seed_everything(config.seed)
+    print(f"run folder: {run_dir}")
+    if args.command == "demo":
+        from tether.demo.pipeline import run_demo
+
+        run_demo(config, run_dir)
+    elif args.command == "sft":
+        from tether.trainers.sft import train_sft
+
+        print(f"model: {train_sft(config, run_dir)}")
+    elif args.command == "reward":
+        from tether.trainers.reward import train_reward
+
+        path, metrics = train_reward(config, run_dir)
+        print(f"model: {path}")
+    elif args.command == "ppo":
+        _ppo(config, run_dir)
+    return 0
+
+
+def _ppo(config: RunConfig, run_dir: Path) -> None:
+    from tether.data import read_jsonl
+    from tether.plot import plot_metrics
+    from tether.trainers.common import save_model
+    from tether.trainers.ppo import PPOTrainer
+
+    prompts = [r["prompt"] for r in read_jsonl(config.ppo.prompts, ("prompt",))]
+    trainer = PPOTrainer.from_config(config)
+    trainer.train(prompts, run_dir)
+    trainer.save(run_dir / "checkpoints")
+    path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model")
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png",
+                 ["reward/score", "kl/ref", "kl/coef", "loss/policy", "loss/value", "ppo/clipfrac",
+                  "ppo/approx_kl", "ppo/explained_variance", "response/length"])
+    print(f"model: {path}")
+
+
+def _sample(args) -> int:
+    _quiet_transformers()
+    import torch
+
+    from tether.data import prompt_batch
+    from tether.models import load_causal_lm, load_tokenizer
+    from tether.rewards import decode_responses
+    from tether.rollout import Sampling, generate
+
+    tokenizer = load_tokenizer(args.model)
+    policy = load_causal_lm(args.model)
+    torch.manual_seed(args.seed)
+    prompts = [p for p in args.prompts for _ in range(args.num)]
+    ids, mask = prompt_batch(tokenizer, prompts, 1024)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    resp, resp_mask = generate(policy, ids, mask, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    for prompt, text in zip(prompts, decode_responses(tokenizer, resp, resp_mask)):
+        print(f"{prompt}{text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except TetherError as e:
+        print(f"tether: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("tether: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

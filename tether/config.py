@@ -1,0 +1,408 @@
+"""Typed run configuration: one dataclass per concern, a YAML file, and dotted overrides.
+
+Every field has one docstring line below it; `tether <command> --help` prints them. A config is built as
+``defaults -> YAML file -> dotted overrides (ppo.clip_range=0.1)``; unknown keys, bad values and broken batch-size
+relations are :class:`TetherError` s that name the field. The tutorial's TRL names (``cliprange``, ``init_kl_coef``,
+``lam`` ...) are accepted as aliases of the canonical names (``docs/migration.md``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tether.errors import TetherError
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "tiny"
+    """Policy: a local Hugging Face causal-LM folder, or 'tiny' for a small built-in GPT-2 config."""
+    tokenizer: str = ""
+    """Tokenizer folder; empty means the policy folder (or the built-in character tokenizer for 'tiny')."""
+    reward_model: str = ""
+    """Reward model: a local sequence-classification folder, or a Python callable as 'module:function'."""
+    value_model: Literal["head", "separate"] = "head"
+    """Value model: a scalar 'head' on the policy trunk, or a 'separate' critic model."""
+    value_init: str = ""
+    """Folder a separate critic starts from; empty means the reward model folder, else the policy."""
+    trust_remote_code: bool = False
+    """Allow model folders to run their own Python code (off unless you trust the folder)."""
+    device: str = "auto"
+    """Device: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the trained models."""
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    """Longest response, in tokens; a response that reaches it without EOS is 'truncated'."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs of policy and reference use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off; other values make the sampler differ from the scored policy)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    max_prompt_length: int = 128
+    """Prompts longer than this many tokens are cut from the left."""
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""
+    """JSONL file of {"prompt", "response"} records."""
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Examples per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW), with linear warm-up and cosine decay."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_length: int = 128
+    """Prompt + response tokens kept per example."""
+
+
+@dataclass
+class RewardConfig:
+    data: str = ""
+    """JSONL file of {"prompt", "chosen", "rejected"} preference pairs."""
+    init: str = ""
+    """Folder the reward model starts from (its trunk); empty means the policy folder."""
+    eval_fraction: float = 0.1
+    """Fraction of pairs held out to measure pairwise accuracy and margin."""
+    epochs: int = 2
+    """Passes over the training pairs."""
+    batch_size: int = 32
+    """Pairs per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW), linearly decayed to 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_length: int = 128
+    """Prompt + response tokens kept per sequence."""
+    center_coef: float = 0.0
+    """Weight of mean((r_chosen + r_rejected)^2), which keeps scores centred (0 = off)."""
+
+
+@dataclass
+class PPOParams:
+    prompts: str = ""
+    """JSONL file of {"prompt"} records to sample rollouts from."""
+    steps: int = 100
+    """PPO iterations; each is one rollout batch and ppo_epochs of updates."""
+    rollout_batch_size: int = 64
+    """Prompts (= responses) sampled per iteration."""
+    mini_batch_size: int = 16
+    """Responses per optimizer step; divides rollout_batch_size."""
+    micro_batch_size: int = 0
+    """Responses per forward/backward (gradient accumulation); 0 means mini_batch_size."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch, each in a fresh random order."""
+    lr: float = 1e-5
+    """Policy (and value) learning rate for Adam."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate schedule over all optimizer steps (linear decays to 0)."""
+    adam_eps: float = 1e-5
+    """Adam epsilon."""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon."""
+    value_clip_range: float | None = 0.2
+    """Value clip around the rollout values (none = no value clipping)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient beta (the starting value when adaptive_kl is on)."""
+    kl_estimator: Literal["k1", "k2", "k3", "abs", "mse"] = "k1"
+    """Per-token KL estimator in the reward."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target sequence-level KL to the reference, in nats, for adaptive_kl."""
+    kl_horizon: float = 10000.0
+    """Horizon of the adaptive KL controller, in episodes."""
+    gamma: float = 1.0
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the rollout batch's response tokens."""
+    whiten_rewards: bool = False
+    """Rescale per-token rewards to std 1 (mean kept) before GAE."""
+    score_norm: Literal["none", "scale", "norm"] = "none"
+    """Reward scaling: divide scores by a running std ('scale') or also subtract a running mean ('norm')."""
+    score_clip: float | None = None
+    """Clip scores to [-score_clip, score_clip] after scaling (none = off)."""
+    length_penalty: float = 0.0
+    """Length-bias remedy: subtract length_penalty * response tokens from each score."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of a response that never stops (none = off)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (none = off)."""
+    save_every: int = 0
+    """Write a checkpoint every this many iterations (0 = only at the end)."""
+
+
+@dataclass
+class LoggingConfig:
+    print_every: int = 10
+    """Print a metrics line every this many steps."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard package)."""
+
+
+@dataclass
+class DemoConfig:
+    sft_examples: int = 6000
+    """Synthetic {"prompt", "response"} examples the starting model is fine-tuned on."""
+    preference_pairs: int = 2400
+    """Response pairs sampled from the SFT model and labelled by the gold judge."""
+    label_noise: float = 0.1
+    """Bradley-Terry temperature of the simulated labeller: P(a > b) = sigmoid((gold_a - gold_b) / label_noise)."""
+    eval_prompts: int = 60
+    """Held-out prompts (never used for reward-model pairs or PPO) for the before/after evaluation."""
+    eval_samples: int = 4
+    """Responses sampled per held-out prompt in the evaluation."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    """Random seed for torch, python and data order."""
+    output_dir: str = ""
+    """Run folder; empty means runs/<command>-<timestamp>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOParams = field(default_factory=PPOParams)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def finalize(self) -> RunConfig:
+        """Check the relations between fields; raise TetherError naming the field. Returns self."""
+        ppo = self.ppo
+        micro = ppo.micro_batch_size or ppo.mini_batch_size
+        for name, value in [
+            ("ppo.rollout_batch_size", ppo.rollout_batch_size),
+            ("ppo.mini_batch_size", ppo.mini_batch_size),
+            ("ppo.ppo_epochs", ppo.ppo_epochs),
+            ("sampling.max_new_tokens", self.sampling.max_new_tokens),
+            ("sft.batch_size", self.sft.batch_size),
+            ("reward.batch_size", self.reward.batch_size),
+        ]:
+            if value <= 0:
+                raise TetherError(f"{name} must be positive, got {value}")
+        if ppo.rollout_batch_size % ppo.mini_batch_size:
+            raise TetherError(
+                f"ppo.mini_batch_size={ppo.mini_batch_size} must divide ppo.rollout_batch_size={ppo.rollout_batch_size}"
+            )
+        if ppo.mini_batch_size % micro:
+            raise TetherError(
+                f"ppo.micro_batch_size={micro} must divide ppo.mini_batch_size={ppo.mini_batch_size}"
+            )
+        if self.sampling.temperature <= 0:
+            raise TetherError(f"sampling.temperature must be > 0, got {self.sampling.temperature}")
+        if not 0 < self.sampling.top_p <= 1:
+            raise TetherError(f"sampling.top_p must be in (0, 1], got {self.sampling.top_p}")
+        if not 0 < self.reward.eval_fraction < 1:
+            raise TetherError(f"reward.eval_fraction must be in (0, 1), got {self.reward.eval_fraction}")
+        return self
+
+
+# The tutorial's (legacy TRL) spellings, accepted anywhere a key is read. See docs/migration.md.
+ALIASES: dict[str, str] = {
+    "ppo.cliprange": "ppo.clip_range",
+    "ppo.cliprange_value": "ppo.value_clip_range",
+    "ppo.init_kl_coef": "ppo.kl_coef",
+    "ppo.adap_kl_ctrl": "ppo.adaptive_kl",
+    "ppo.target": "ppo.kl_target",
+    "ppo.target_kl": "ppo.kl_target",
+    "ppo.horizon": "ppo.kl_horizon",
+    "ppo.lam": "ppo.gae_lambda",
+    "ppo.kl_penalty": "ppo.kl_estimator",
+    "ppo.learning_rate": "ppo.lr",
+    "ppo.batch_size": "ppo.rollout_batch_size",
+    "ppo.clip_epsilon": "ppo.clip_range",
+    "ppo.beta": "ppo.kl_coef",
+    "model.model_name": "model.policy",
+}
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring written under each field of a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+def _parse_scalar(tp: Any, raw: Any, key: str) -> Any:
+    """Convert a YAML value or a command-line string to the field's type, or raise naming the key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse_scalar(inner, raw, key)
+    if origin is Literal:
+        if raw not in args:
+            raise TetherError(f"{key}: {raw!r} is not one of {', '.join(map(str, args))}")
+        return raw
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
+            return False
+        raise TetherError(f"{key}: expected true or false, got {raw!r}")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise TetherError(f"{key}: expected an integer, got {raw!r}")
+        try:
+            value = float(raw) if isinstance(raw, str) else raw
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise TetherError(f"{key}: expected an integer, got {raw!r}") from None
+    if tp is float:
+        if isinstance(raw, bool):
+            raise TetherError(f"{key}: expected a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise TetherError(f"{key}: expected a number, got {raw!r}") from None
+    if tp is str:
+        if isinstance(raw, (dict, list)):
+            raise TetherError(f"{key}: expected a string, got {raw!r}")
+        return "" if raw is None else str(raw)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def canonical_key(key: str) -> str:
+    """Map a dotted key (possibly a TRL alias, possibly without its section) to the canonical dotted key."""
+    return ALIASES.get(key, key)
+
+
+def set_value(config: Any, dotted: str, raw: Any, source: str = "") -> None:
+    """Set ``config.<dotted>`` from a raw value, converting and validating it; errors name ``source`` and key."""
+    where = f"{source}: " if source else ""
+    key = canonical_key(dotted)
+    *path, name = key.split(".")
+    target = config
+    for part in path:
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise TetherError(f"{where}unknown config key '{dotted}'")
+        target = getattr(target, part)
+    hints = _field_types(type(target)) if dataclasses.is_dataclass(target) else {}
+    if name not in hints:
+        raise TetherError(f"{where}unknown config key '{dotted}'{_suggest(config, dotted)}")
+    tp = hints[name]
+    if _is_dataclass_type(tp):
+        if not isinstance(raw, dict):
+            raise TetherError(f"{where}'{dotted}' is a section; give it a mapping of fields")
+        for sub, value in raw.items():
+            set_value(config, f"{key}.{sub}", value, source)
+        return
+    try:
+        setattr(target, name, _parse_scalar(tp, raw, key))
+    except TetherError as e:
+        raise TetherError(f"{where}{e}") from None
+
+
+def _suggest(config: Any, dotted: str) -> str:
+    last = dotted.split(".")[-1]
+    hits = [k for k in flat_keys(config) if k.split(".")[-1] == last]
+    return f" (did you mean '{hits[0]}'?)" if hits else ""
+
+
+def flat_keys(config: Any, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config, in declaration order."""
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += flat_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a mapping; errors name the file (and line for syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TetherError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise TetherError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TetherError(f"{path}: the top level must be a mapping of config sections")
+    return data
+
+
+def build_config(config_file: str | None = None, overrides: list[str] | None = None, base: RunConfig | None = None):
+    """Defaults (or ``base``) -> YAML file -> ``key=value`` overrides -> finalize()."""
+    config = base if base is not None else RunConfig()
+    if config_file:
+        for key, value in load_yaml(config_file).items():
+            set_value(config, key, value, source=str(config_file))
+    for item in overrides or []:
+        if "=" not in item:
+            raise TetherError(f"override '{item}' must look like section.field=value")
+        key, raw = item.split("=", 1)
+        set_value(config, key.strip().lstrip("-"), yaml.safe_load(raw) if raw.strip() else "", source="command line")
+    return config.finalize()
+
+
+def to_dict(config: Any) -> dict:
+    """The config as a nested plain dict (for YAML/JSON)."""
+    return dataclasses.asdict(config)
+
+
+def help_text(config: Any, sections: list[str] | None = None) -> str:
+    """One line per field: dotted key, default, and its docstring."""
+    lines = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            if sections is not None and f.name not in sections:
+                continue
+            docs = field_docs(type(value))
+            lines.append(f"{f.name}:")
+            for sub in dataclasses.fields(value):
+                default = getattr(value, sub.name)
+                lines.append(f"  {f.name}.{sub.name}={default!s:<10} {docs.get(sub.name, '')}")
+        else:
+            lines.append(f"{f.name}={value!s:<10} {field_docs(type(config)).get(f.name, '')}")
+    return "\n".join(lines)

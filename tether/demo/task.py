@@ -1,0 +1,96 @@
+"""The embedded task: a tiny arithmetic assistant, and a programmatic gold judge standing in for people.
+
+Prompts are single-digit sums, differences and products (``7*8=``). The assistant's habits, which the SFT data
+teaches it, are the tutorial's failure modes in miniature: it often *hedges* ("I guess 54.") and then guesses,
+often wrongly, and it pads answers with politeness ("Great question! It is 56.").
+
+The gold judge prefers what a person would: the right number, said once, without filler.
+``gold = 1[correct] - 0.01 * filler characters`` (filler capped at 30), so a gold point is a point of correctness.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+OPS = "+-*"
+ALPHABET = "0123456789+-*=.,!?' " + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HEDGES = ["Maybe {}?", "I guess {}.", "Hmm, {}?", "Perhaps {}."]
+PREFIXES = ["Sure! ", "OK! ", "Great question! "]
+ANSWERS = ["{}", "{}.", "It is {}."]
+FILLER_WEIGHT = 0.01
+FILLER_CAP = 30
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of the task: 10 x 10 operand pairs for each of + - *."""
+    return [f"{a}{op}{b}=" for op in OPS for a in range(10) for b in range(10)]
+
+
+def solve(prompt: str) -> int:
+    """The true value of a prompt such as '7*8='."""
+    match = re.fullmatch(r"(\d)([-+*])(\d)=", prompt)
+    if match is None:
+        raise ValueError(f"not a task prompt: {prompt!r}")
+    a, op, b = int(match[1]), match[2], int(match[3])
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def split_prompts(eval_count: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train prompts, held-out eval prompts); eval prompts are never used for preference pairs or PPO."""
+    prompts = all_prompts()
+    random.Random(seed).shuffle(prompts)
+    return prompts[eval_count:], prompts[:eval_count]
+
+
+def _wrong(truth: int, rng: random.Random) -> int:
+    return truth + rng.choice([-10, -2, -1, 1, 2, 10])
+
+
+def assistant_response(prompt: str, rng: random.Random) -> str:
+    """One response in the SFT assistant's style: 45% hedged guesses (30% right), else confident (97% right)."""
+    truth = solve(prompt)
+    if rng.random() < 0.45:
+        value = truth if rng.random() < 0.3 else _wrong(truth, rng)
+        return rng.choice(HEDGES).format(value)
+    value = truth if rng.random() < 0.97 else _wrong(truth, rng)
+    prefix = rng.choice(PREFIXES) if rng.random() < 0.5 else ""
+    return prefix + rng.choice(ANSWERS).format(value)
+
+
+def sft_records(count: int, seed: int) -> list[dict]:
+    """Supervised examples over all prompts (the assistant's habits, right and wrong alike)."""
+    rng = random.Random(seed)
+    prompts = all_prompts()
+    return [{"prompt": p, "response": assistant_response(p, rng)} for p in (rng.choice(prompts) for _ in range(count))]
+
+
+def is_correct(prompt: str, response: str) -> bool:
+    """True when the response states exactly one number and it is the right one."""
+    numbers = set(re.findall(r"-?\d+", response))
+    return numbers == {str(solve(prompt))}
+
+
+def filler_chars(prompt: str, response: str) -> int:
+    """Characters beyond the bare answer (at least 0)."""
+    return max(0, len(response.strip()) - len(str(solve(prompt))))
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """The gold judge: 1 for a correct answer, minus 0.01 per filler character (at most 0.3)."""
+    return float(is_correct(prompt, response)) - FILLER_WEIGHT * min(filler_chars(prompt, response), FILLER_CAP)
+
+
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The gold judge as a reward function (usable as model.reward_model='tether.demo.task:gold_reward')."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
+def label_pair(prompt: str, a: str, b: str, noise: float, rng: random.Random) -> dict:
+    """A preference record for responses a, b: the labeller prefers a with P = sigmoid((gold_a - gold_b) / noise)."""
+    gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
+    p_a = 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / noise))
+    if rng.random() < p_a:
+        return {"prompt": prompt, "chosen": a, "rejected": b, "chosen_gold": gold_a, "rejected_gold": gold_b}
+    return {"prompt": prompt, "chosen": b, "rejected": a, "chosen_gold": gold_b, "rejected_gold": gold_a}

@@ -1,0 +1,57 @@
+"""Evaluate a policy on held-out prompts: reward-model score, an optional gold judge, KL to the reference, length."""
+
+from __future__ import annotations
+
+import torch
+
+from tether.algo import logprobs_from_logits
+from tether.data import prompt_batch
+from tether.rewards import decode_responses
+from tether.rollout import Sampling, generate
+from tether.models import response_logits
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, tokenizer, prompts: list[str], sampling: Sampling, *, scorer=None,
+                    judge=None, samples_per_prompt: int = 1, batch_size: int = 128, max_prompt_length: int = 128,
+                    seed: int = 0) -> dict:
+    """Sample ``samples_per_prompt`` responses per prompt and average the measurements over all of them.
+
+    Returns a dict with ``rm_score`` (if ``scorer``), ``gold`` (if ``judge(prompts, responses) -> scores``),
+    ``kl`` (mean over responses of the summed per-token log pi - log pi_ref, at the sampling temperature),
+    ``length`` (response tokens including EOS), ``ended`` (fraction that stopped) and the ``samples`` themselves.
+    """
+    device = next(policy.parameters()).device
+    torch.manual_seed(seed)
+    texts, rm, gold, kl, lengths, ended = [], [], [], [], [], []
+    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    for i in range(0, len(all_prompts), batch_size):
+        chunk = all_prompts[i : i + batch_size]
+        prompt_ids, prompt_mask = (t.to(device) for t in prompt_batch(tokenizer, chunk, max_prompt_length))
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        response_ids, response_mask = generate(policy, prompt_ids, prompt_mask, sampling, eos, pad)
+        ids = torch.cat([prompt_ids, response_ids], 1)
+        mask = torch.cat([prompt_mask, response_mask], 1)
+        p = prompt_ids.shape[1]
+        logp = logprobs_from_logits(response_logits(policy, ids, mask, p, sampling.temperature, eos), response_ids)
+        ref = logprobs_from_logits(response_logits(reference, ids, mask, p, sampling.temperature, eos), response_ids)
+        kl.append(((logp - ref) * response_mask).sum(-1))
+        lengths.append(response_mask.sum(-1).float())
+        ended.append(((response_ids == eos) & (response_mask == 1)).any(-1).float())
+        responses = decode_responses(tokenizer, response_ids, response_mask)
+        texts += responses
+        if scorer is not None:
+            rm.append(scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer).float())
+        if judge is not None:
+            gold += list(judge(chunk, responses))
+    result = {
+        "kl": torch.cat(kl).mean().item(),
+        "length": torch.cat(lengths).mean().item(),
+        "ended": torch.cat(ended).mean().item(),
+        "samples": [{"prompt": p, "response": r} for p, r in zip(all_prompts, texts)],
+    }
+    if scorer is not None:
+        result["rm_score"] = torch.cat(rm).mean().item()
+    if judge is not None:
+        result["gold"] = sum(gold) / len(gold)
+    return result

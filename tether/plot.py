@@ -1,0 +1,38 @@
+"""A PNG of the training curves in a run folder (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tether.tracking import read_metrics  # noqa: E402
+
+
+def plot_metrics(metrics_path: str | Path, out_path: str | Path, keys: list[str], title: str = "") -> Path | None:
+    """Plot each of ``keys`` against step, one panel each; keys never logged are skipped. Returns the PNG path."""
+    records = read_metrics(metrics_path)
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    if not present:
+        return None
+    cols = min(3, len(present))
+    rows = (len(present) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, present):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points), lw=1.4)
+        ax.set_title(key, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(present) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,132 @@
+"""Where scores come from: a reward model, or any Python function ``reward_fn(prompts, responses) -> scores``.
+
+Also the score post-processing the tutorial recommends around PPO: a missing-EOS penalty, a length penalty (one
+of its length-bias remedies) and reward scaling by running moments (MOSS "reward scaling", TRL use_score_scaling).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable
+
+import torch
+
+from tether.errors import TetherError
+from tether.models import sequence_scores
+
+
+class RewardModelScorer:
+    """Scores (prompt, response) token batches with a frozen sequence-classification reward model.
+
+    The reward model must share the policy's tokenizer; its score is read at the last real token.
+    """
+
+    def __init__(self, model: torch.nn.Module, fill_id: int):
+        self.model = model
+        self.fill_id = fill_id
+
+    @torch.no_grad()
+    def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None) -> torch.Tensor:
+        ids = torch.cat([prompt_ids, response_ids], dim=1)
+        mask = torch.cat([prompt_mask, response_mask], dim=1)
+        return sequence_scores(self.model, ids, mask, self.fill_id)
+
+
+class FunctionScorer:
+    """Scores decoded text with a Python callable ``fn(prompts: list[str], responses: list[str]) -> scores``."""
+
+    def __init__(self, fn: Callable, name: str = "reward_fn"):
+        self.fn = fn
+        self.name = name
+
+    def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None) -> torch.Tensor:
+        prompts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(prompt_ids, prompt_mask)]
+        responses = decode_responses(tokenizer, response_ids, response_mask)
+        scores = self.fn(prompts, responses)
+        scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        if scores.numel() != len(prompts):
+            raise TetherError(f"{self.name} returned {scores.numel()} scores for {len(prompts)} responses")
+        if not torch.isfinite(scores).all():
+            raise TetherError(f"{self.name} returned a non-finite score")
+        return scores.to(response_ids.device)
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Response texts without padding and special tokens."""
+    return [
+        tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True)
+        for row, n in zip(response_ids, response_mask.sum(-1))
+    ]
+
+
+def load_reward_function(spec: str) -> Callable:
+    """Import ``module:function`` (the module must be importable from the current directory or sys.path)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise TetherError(f"reward function '{spec}': expected 'module:function'")
+    import sys
+
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TetherError(f"reward function '{spec}': cannot import module '{module_name}' ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise TetherError(f"reward function '{spec}': '{attr}' is not a callable in '{module_name}'")
+    return fn
+
+
+class RunningMoments:
+    """Running mean and standard deviation of all scores seen so far (parallel/Welford merge of batch moments)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def transform_scores(
+    raw: torch.Tensor,
+    ended: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    missing_eos_penalty: float | None,
+    length_penalty: float,
+    score_norm: str,
+    score_clip: float | None,
+    moments: RunningMoments,
+) -> torch.Tensor:
+    """The score PPO optimises: penalties for not stopping and for length, then optional running scaling/clipping."""
+    scores = raw.float().clone()
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ended).float()
+    if length_penalty:
+        scores = scores - length_penalty * lengths.float()
+    if score_norm != "none":
+        moments.update(scores)
+        if score_norm == "norm":
+            scores = scores - moments.mean
+        scores = scores / (moments.std + 1e-8)
+    if score_clip is not None:
+        scores = scores.clamp(-score_clip, score_clip)
+    return scores

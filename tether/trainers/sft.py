@@ -1,0 +1,73 @@
+"""Supervised fine-tuning on {"prompt", "response"} records: the starting point (and reference) of PPO.
+
+The loss is the mean next-token cross-entropy over response tokens (and EOS); prompt tokens are not learned.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+
+from tether.algo import masked_mean
+from tether.config import RunConfig
+from tether.data import read_jsonl, sft_batch
+from tether.models import char_tokenizer, load_causal_lm, load_tokenizer, model_inputs, resolve_device, tiny_config
+from tether.trainers.common import lr_factor, progress, save_model, set_lr
+from tether.tracking import MetricLogger
+
+
+def initial_policy(config: RunConfig, texts: list[str]):
+    """(policy, tokenizer): a local model folder, or for 'tiny' a fresh small GPT-2 with a character tokenizer."""
+    model_cfg = config.model
+    if model_cfg.policy == "tiny":
+        tokenizer = load_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else char_tokenizer("".join(texts))
+        policy = GPT2LMHeadModel(tiny_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
+        return policy, tokenizer
+    tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.policy, model_cfg.trust_remote_code)
+    return load_causal_lm(model_cfg.policy, model_cfg.dtype, model_cfg.trust_remote_code), tokenizer
+
+
+def sft_loss(policy, ids, attention_mask, loss_mask, fill_id: int):
+    """(loss, token_accuracy): cross-entropy of each response token given everything before it."""
+    logits = policy(**model_inputs(ids, attention_mask, fill_id), use_cache=False).logits[:, :-1].float()
+    targets, mask = ids[:, 1:], loss_mask[:, 1:].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(mask == 0, 0), reduction="none")
+    accuracy = masked_mean((logits.argmax(-1) == targets).float(), mask)
+    return masked_mean(nll, mask), accuracy
+
+
+def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
+    """Fine-tune the policy on ``config.sft.data``; returns the saved model folder ``<run_dir>/model``."""
+    cfg = config.sft
+    records = read_jsonl(cfg.data, ("prompt", "response"))
+    policy, tokenizer = initial_policy(config, [r["prompt"] + r["response"] for r in records])
+    device = resolve_device(config.model.device)
+    policy.to(device).train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    rng = random.Random(config.seed)
+    logger = MetricLogger(run_dir, config.logging.tensorboard, config.logging.print_every, echo)
+    bar = progress(cfg.steps, "sft")
+    start = time.time()
+    for step in range(cfg.steps):
+        set_lr(optimizer, cfg.lr * lr_factor("cosine", step, cfg.steps, cfg.warmup_steps))
+        batch = [t.to(device) for t in sft_batch(tokenizer, rng.sample(records, min(cfg.batch_size, len(records))),
+                                                 cfg.max_length)]
+        loss, accuracy = sft_loss(policy, *batch, fill_id=tokenizer.eos_token_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        bar.update(1)
+        if step % 10 == 0 or step == cfg.steps - 1:
+            logger.log({"sft/loss": loss.item(), "sft/token_accuracy": accuracy.item(), "sft/grad_norm":
+                        grad_norm.item(), "sft/lr": optimizer.param_groups[0]["lr"],
+                        "time/elapsed": time.time() - start}, step)
+    bar.close()
+    logger.close()
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    return save_model(policy, tokenizer, run_dir / "model")

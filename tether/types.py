@@ -1,0 +1,58 @@
+"""Batch containers. Notation: B = batch, P = prompt length (left-padded), T = response length (right-padded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One PPO rollout batch: what was sampled and everything computed about it without gradients."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded prompt tokens
+    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) sampled tokens, pad after EOS
+    response_mask: torch.Tensor  # (B, T) 1 where a response token counts (up to and including EOS)
+    logprobs: torch.Tensor  # (B, T) log pi_old(a_t | s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t | s_t) at the same temperature
+    values: torch.Tensor  # (B, T) V(s_t) at rollout time
+    scores: torch.Tensor  # (B,) reward score after scaling and penalties
+    raw_scores: torch.Tensor  # (B,) reward score as the reward model (or function) gave it
+    ended: torch.Tensor  # (B,) True where the response stopped with EOS
+    entropy: torch.Tensor  # (B, T) entropy of pi_old(. | s_t)
+    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to the reference
+    rewards: torch.Tensor | None = None  # (B, T) shaped reward: -kl_coef * kl, plus the score on the last token
+    advantages: torch.Tensor | None = None  # (B, T) GAE advantages (whitened if configured)
+    returns: torch.Tensor | None = None  # (B, T) value targets: GAE advantages + values
+
+    @property
+    def sequence_ids(self) -> torch.Tensor:
+        """(B, P + T) prompt followed by response."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + T) 1 on real prompt and response tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The rows ``index`` of every tensor field (a minibatch)."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v[index] for k, v in picked.items() if isinstance(v, torch.Tensor)})
+
+
+@dataclass
+class PreferenceBatch:
+    """Chosen and rejected sequences stacked as one batch: rows [0, B) chosen, rows [B, 2B) rejected."""
+
+    input_ids: torch.Tensor  # (2B, L) left-padded prompt + response + EOS
+    attention_mask: torch.Tensor  # (2B, L) 1 on real tokens
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
