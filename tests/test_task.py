@@ -26,8 +26,8 @@ def test_prompt_split_is_disjoint_and_complete():
 def test_sft_habits_have_the_advertised_rates():
     records = task.sft_records(4000, seed=1)
     correct = sum(task.is_correct(r["prompt"], r["response"]) for r in records) / len(records)
-    # 0.45 * 0.3 + 0.55 * 0.97 = 0.669
-    assert 0.63 < correct < 0.71
+    # 0.45 * 0.15 + 0.55 * 0.97 = 0.601
+    assert 0.56 < correct < 0.64
 
 
 def test_labeller_follows_gold_with_bradley_terry_noise():

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tether.models import export_policy, is_peft_model
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -62,7 +64,9 @@ def save_checkpoint(path: Path, actor_critic, tokenizer, optimizer, state: dict)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    actor_critic.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    export_policy(actor_critic.policy).save_pretrained(tmp / "policy", safe_serialization=True)
+    if is_peft_model(actor_critic.policy):  # the optimizer state belongs to the adapter: keep it for resuming
+        actor_critic.policy.save_pretrained(tmp / "adapter", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
     if actor_critic.value_head is not None:
         save_file({k: v.contiguous() for k, v in actor_critic.value_head.state_dict().items()}, tmp / VALUE_HEAD_FILE)

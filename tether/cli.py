@@ -114,12 +114,12 @@ def run(argv: list[str]) -> int:
 
 
 def _ppo(config: RunConfig, run_dir: Path) -> None:
-    from tether.data import read_jsonl
+    from tether.data import read_records
     from tether.plot import plot_metrics
     from tether.trainers.common import save_model
     from tether.trainers.ppo import PPOTrainer
 
-    prompts = [r["prompt"] for r in read_jsonl(config.ppo.prompts, ("prompt",))]
+    prompts = [r["prompt"] for r in read_records(config.ppo.prompts, ("prompt",))]
     trainer = PPOTrainer.from_config(config)
     trainer.train(prompts, run_dir)
     trainer.save(run_dir / "checkpoints")

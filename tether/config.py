@@ -41,6 +41,14 @@ class ModelConfig:
     """Device: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of the trained models."""
+    lora_r: int = 0
+    """LoRA rank; 0 = train all weights."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the adapter's update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA adapter's input (0 keeps log-probs reproducible)."""
+    lora_target_modules: str = ""
+    """Comma-separated module names; empty = peft's default for the architecture."""
 
 
 @dataclass
@@ -60,7 +68,7 @@ class SamplingConfig:
 @dataclass
 class SFTConfig:
     data: str = ""
-    """JSONL file of {"prompt", "response"} records."""
+    """{"prompt", "response"} records: a JSONL file, a datasets folder or a .parquet file."""
     steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 64
@@ -78,7 +86,7 @@ class SFTConfig:
 @dataclass
 class RewardConfig:
     data: str = ""
-    """JSONL file of {"prompt", "chosen", "rejected"} preference pairs."""
+    """{"prompt", "chosen", "rejected"} pairs: a JSONL file, a datasets folder or a .parquet file."""
     init: str = ""
     """Folder the reward model starts from (its trunk); empty means the policy folder."""
     eval_fraction: float = 0.1
@@ -100,7 +108,7 @@ class RewardConfig:
 @dataclass
 class PPOParams:
     prompts: str = ""
-    """JSONL file of {"prompt"} records to sample rollouts from."""
+    """{"prompt"} records to sample rollouts from: a JSONL file, a datasets folder or a .parquet file."""
     steps: int = 100
     """PPO iterations; each is one rollout batch and ppo_epochs of updates."""
     rollout_batch_size: int = 64
@@ -161,6 +169,12 @@ class LoggingConfig:
     """Print a metrics line every this many steps."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package; its own settings decide online or offline)."""
+    trackio: bool = False
+    """Also log to trackio (needs the trackio package; local unless trackio is told otherwise)."""
+    project: str = "tether"
+    """Project name the wandb / trackio run is filed under."""
 
 
 @dataclass
@@ -169,7 +183,7 @@ class DemoConfig:
     """Synthetic {"prompt", "response"} examples the starting model is fine-tuned on."""
     preference_pairs: int = 2400
     """Response pairs sampled from the SFT model and labelled by the gold judge."""
-    label_noise: float = 0.1
+    label_noise: float = 0.05
     """Bradley-Terry temperature of the simulated labeller: P(a > b) = sigmoid((gold_a - gold_b) / label_noise)."""
     eval_prompts: int = 60
     """Held-out prompts (never used for reward-model pairs or PPO) for the before/after evaluation."""

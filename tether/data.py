@@ -1,5 +1,8 @@
 """Data: JSONL records (checked line by line) and their tokenization into padded batches.
 
+:func:`read_records` also reads the same records from a Hugging Face ``datasets`` folder (``save_to_disk``) or a
+``.parquet`` file (the optional ``data`` extra).
+
 Formats (one JSON object per line):
 - SFT:        {"prompt": "2+3=", "response": "5"}
 - preference: {"prompt": "2+3=", "chosen": "5", "rejected": "Sure! 6"}
@@ -45,6 +48,77 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     if not records:
         raise TetherError(f"{path}: no records")
     return records
+
+
+def read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
+    """Read records with the string fields ``required`` from JSONL, a ``datasets`` folder or a ``.parquet`` file.
+
+    The source is chosen from the path: a folder written by ``datasets.Dataset.save_to_disk`` (it holds
+    ``dataset_info.json`` / ``state.json``, or ``dataset_dict.json`` for a one-split ``DatasetDict``) is read with
+    ``datasets.load_from_disk``; a ``*.parquet`` file with pyarrow; anything else as JSONL (:func:`read_jsonl`).
+    Errors are one-line :class:`TetherError` s naming the file, and the row (1-based) for a bad field.
+
+    Args:
+        path: the JSONL file, parquet file or dataset folder.
+        required: field names every record must have as strings (e.g. ``("prompt", "response")``).
+
+    Returns:
+        The records as dicts (every column is kept, not only ``required``).
+    """
+    path = Path(path)
+    if str(path) and path.is_dir():
+        rows = _dataset_rows(path)
+    elif path.suffix == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        return read_jsonl(path, required)
+    for row_number, record in enumerate(rows, 1):
+        for name in required:
+            if record.get(name) is None:
+                columns = f" (columns: {', '.join(record)})" if name not in record else ""
+                raise TetherError(f"{path}: row {row_number}: missing field '{name}'{columns}")
+            if not isinstance(record[name], str):
+                raise TetherError(f"{path}: row {row_number}: field '{name}' must be a string")
+    if not rows:
+        raise TetherError(f"{path}: no records")
+    return rows
+
+
+def _dataset_rows(path: Path) -> list[dict]:
+    """The rows of a ``save_to_disk`` folder (a Dataset, or a DatasetDict with exactly one split)."""
+    if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise TetherError(f"{path}: a folder, but not a Hugging Face datasets folder (no dataset_info.json or "
+                          "state.json; write one with Dataset.save_to_disk)")
+    try:
+        import datasets
+    except ImportError:
+        raise TetherError(f"{path}: reading a datasets folder needs the datasets package "
+                          "(pip install 'tether[data]')") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for broken folders
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TetherError(f"{path}: cannot load the dataset ({reason})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise TetherError(f"{path}: a DatasetDict with splits {', '.join(data)}; give one split's folder, "
+                              f"e.g. {path / next(iter(data))}")
+        data = next(iter(data.values()))
+    return data.to_list()
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    """The rows of a parquet file, read with pyarrow."""
+    if not path.is_file():
+        raise TetherError(f"{path}: data file not found")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TetherError(f"{path}: reading parquet needs the pyarrow package (pip install 'tether[data]')") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow.ArrowInvalid and friends
+        raise TetherError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:

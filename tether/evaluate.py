@@ -8,7 +8,7 @@ from tether.algo import logprobs_from_logits
 from tether.data import prompt_batch
 from tether.rewards import decode_responses
 from tether.rollout import Sampling, generate
-from tether.models import response_logits
+from tether.models import gather_ids, response_logits
 
 
 @torch.no_grad()
@@ -33,8 +33,9 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[str], sampling: 
         ids = torch.cat([prompt_ids, response_ids], 1)
         mask = torch.cat([prompt_mask, response_mask], 1)
         p = prompt_ids.shape[1]
-        logp = logprobs_from_logits(response_logits(policy, ids, mask, p, sampling.temperature, eos), response_ids)
-        ref = logprobs_from_logits(response_logits(reference, ids, mask, p, sampling.temperature, eos), response_ids)
+        targets = gather_ids(response_ids, response_mask, eos)
+        logp = logprobs_from_logits(response_logits(policy, ids, mask, p, sampling.temperature, eos), targets)
+        ref = logprobs_from_logits(response_logits(reference, ids, mask, p, sampling.temperature, eos), targets)
         kl.append(((logp - ref) * response_mask).sum(-1))
         lengths.append(response_mask.sum(-1).float())
         ended.append(((response_ids == eos) & (response_mask == 1)).any(-1).float())

@@ -158,6 +158,8 @@ def model_inputs(ids: torch.Tensor, attention_mask: torch.Tensor, fill_id: int) 
 
 def trunk(model: nn.Module) -> nn.Module:
     """The transformer body of a Hugging Face model (``model.transformer`` for GPT-2, ``model.model`` for Llama)."""
+    if is_peft_model(model):  # a PeftModel's own base_model is its LoRA wrapper, which returns logits
+        model = model.get_base_model()
     return model.base_model
 
 
@@ -212,6 +214,11 @@ class ActorCritic(nn.Module):
         return logits, values
 
 
+def gather_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, fill_id: int) -> torch.Tensor:
+    """Response ids safe to index logits with: padding (which may have no embedding row) replaced by ``fill_id``."""
+    return response_ids.masked_fill(response_mask == 0, fill_id)
+
+
 def reference_copy(policy: nn.Module) -> nn.Module:
     """A frozen deep copy of the policy (eval mode, no gradients, no shared tensors)."""
     return freeze(copy.deepcopy(policy))
@@ -221,3 +228,133 @@ def response_logits(model: nn.Module, sequence_ids, attention_mask, prompt_lengt
     """Temperature-scaled logits (B, T, V) of a causal LM at the positions that predict the response tokens."""
     hidden = hidden_states(model, sequence_ids, attention_mask, fill_id)[:, prompt_length - 1 : -1]
     return model.get_output_embeddings()(hidden).float() / temperature
+
+
+# ---- LoRA (peft) ----------------------------------------------------------------------------------------------------
+
+
+def is_peft_model(model) -> bool:
+    """True for a peft ``PeftModel`` (transformers models have no ``get_base_model``)."""
+    return callable(getattr(type(model), "get_base_model", None)) and hasattr(model, "disable_adapter")
+
+
+def add_lora(policy: nn.Module, r: int, alpha: float = 16.0, dropout: float = 0.0, target_modules: str = ""):
+    """Wrap a causal LM in a fresh LoRA adapter (peft); afterwards only the adapter's weights require gradients.
+
+    The adapter's B matrices start at zero, so the wrapped model computes exactly the same logits as before.
+
+    Args:
+        policy: a transformers causal LM (modified in place: LoRA layers are injected into it).
+        r: LoRA rank (> 0).
+        alpha: LoRA alpha; the adapter's update is scaled by ``alpha / r``.
+        dropout: dropout probability on the adapter's input.
+        target_modules: comma-separated module names (e.g. ``"q_proj,v_proj"``); empty means peft's default for the
+            architecture.
+
+    Returns:
+        The ``peft.PeftModelForCausalLM`` wrapping ``policy``.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise TetherError("model.lora_r > 0 needs the peft package (pip install 'tether[lora]')") from None
+    if r <= 0:
+        raise TetherError(f"model.lora_r must be positive to add an adapter, got {r}")
+    if not 0 <= dropout < 1:
+        raise TetherError(f"model.lora_dropout must be in [0, 1), got {dropout}")
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()] or None
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2 style Conv1D layers store their weight transposed; telling peft up front avoids its warning.
+    conv_names = [name for name, module in policy.named_modules() if isinstance(module, Conv1D)]
+    fan_in_fan_out = bool(conv_names) and (targets is None or any(n.split(".")[-1] in targets for n in conv_names))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(policy, config)
+    except ValueError as e:
+        raise TetherError(f"model.lora_target_modules='{target_modules}': {str(e).splitlines()[0]}") from None
+
+
+class _AdapterOff:
+    """Calls a module of a PeftModel with the model's adapter disabled (other attributes pass through)."""
+
+    def __init__(self, peft_model, module):
+        self._peft_model, self._module = peft_model, module
+
+    def __call__(self, *args, **kwargs):
+        with self._peft_model.disable_adapter():
+            return self._module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+class AdapterDisabledReference(nn.Module):
+    """The frozen reference of a LoRA policy: the policy's own PeftModel, run with its adapter disabled.
+
+    No weights are copied. The PeftModel is deliberately not registered as a submodule, so ``.to()``, ``.eval()``
+    and ``.parameters()`` on the reference never touch the policy (``parameters()`` is empty: the reference owns
+    nothing; :func:`parameter_bytes` counts the shared weights). It offers what :func:`response_logits`,
+    :func:`hidden_states` and ``generate`` use, each running under ``peft_model.disable_adapter()``.
+
+    Args:
+        peft_model: the LoRA-wrapped policy (a peft ``PeftModel``).
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        if not is_peft_model(peft_model):
+            raise TypeError("AdapterDisabledReference needs a peft PeftModel")
+        self.__dict__["peft_model"] = peft_model  # not a submodule (see the class docstring)
+
+    @property
+    def base_model(self):
+        """The policy's trunk, called with the adapter disabled (what :func:`trunk` returns for this object)."""
+        return _AdapterOff(self.peft_model, trunk(self.peft_model))
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    def get_output_embeddings(self):
+        """The policy's LM head, called with the adapter disabled (a no-op unless LoRA targets the head)."""
+        return _AdapterOff(self.peft_model, self.peft_model.get_output_embeddings())
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """``generate`` of the base model (adapter disabled)."""
+        with self.peft_model.disable_adapter():
+            return self.peft_model.generate(*args, **kwargs)
+
+
+def export_policy(policy: nn.Module) -> nn.Module:
+    """The policy as a plain transformers model for ``save_pretrained``.
+
+    A LoRA policy is deep-copied and its adapter merged into the copy's weights, so the saved folder loads with
+    ``AutoModelForCausalLM`` alone (the training model keeps its adapter). Any other model is returned unchanged.
+    The copy briefly doubles the policy's memory while saving.
+    """
+    if not is_peft_model(policy):
+        return policy
+    return copy.deepcopy(policy).merge_and_unload()
+
+
+def parameter_bytes(*models: nn.Module) -> int:
+    """Bytes of parameter storage held by ``models`` together, each shared storage counted once.
+
+    An :class:`AdapterDisabledReference` counts the weights it reads (those of its policy), so
+    ``parameter_bytes(policy, reference)`` is the memory the pair really holds.
+    """
+    seen: dict[int, int] = {}
+    for model in models:
+        if isinstance(model, AdapterDisabledReference):
+            model = model.peft_model
+        for p in model.parameters():
+            storage = p.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from tether.algo import entropy_from_logits, logprobs_from_logits
-from tether.models import ActorCritic, model_inputs, response_logits
+from tether.models import ActorCritic, gather_ids, model_inputs, response_logits
 from tether.types import Rollout
 
 
@@ -67,7 +67,8 @@ def score_tokens(actor_critic: ActorCritic, reference, sequence_ids, attention_m
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
     for start in range(0, sequence_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
-        ids, mask, resp = sequence_ids[rows], attention_mask[rows], response_ids[rows]
+        ids, mask = sequence_ids[rows], attention_mask[rows]
+        resp = gather_ids(response_ids[rows], mask[:, prompt_length:], fill_id)
         logits, values = actor_critic(ids, mask, prompt_length, temperature, fill_id)
         ref_logits = response_logits(reference, ids, mask, prompt_length, temperature, fill_id)
         outs["logprobs"].append(logprobs_from_logits(logits, resp))

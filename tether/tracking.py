@@ -1,10 +1,14 @@
-"""Metric logging: always JSONL in the run folder, a short line on stdout, TensorBoard when asked and installed.
+"""Metric logging: always JSONL in the run folder, a short line on stdout; TensorBoard, Weights & Biases or trackio
+when asked for (``logging.tensorboard`` / ``logging.wandb`` / ``logging.trackio``) and installed.
 
-Nothing is sent anywhere by default. Every key written here has a line in docs/metrics.md.
+Nothing is sent anywhere by default: the optional backends are imported only when asked for, and asking for one that
+is not installed is a :class:`TetherError`. Every key written here has a line in docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 from pathlib import Path
@@ -13,9 +17,24 @@ from tether.errors import TetherError
 
 
 class MetricLogger:
-    """Appends ``{"step": n, **metrics}`` lines to ``<run>/metrics.jsonl``; optionally mirrors to TensorBoard."""
+    """Appends ``{"step": n, **metrics}`` lines to ``<run>/metrics.jsonl``; optionally mirrors to TensorBoard,
+    Weights & Biases and trackio (numeric, finite values only).
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, print_every: int = 0, echo=print):
+    Args:
+        run_dir: the run folder.
+        tensorboard: also write TensorBoard event files to ``<run>/tensorboard``.
+        print_every: print a metrics line every this many steps (0 = never).
+        echo: the print function.
+        wandb: also log to a Weights & Biases run (``wandb.init(project=..., name=<run folder name>, dir=run_dir)``).
+        trackio: also log to a trackio run (``trackio.init(project=..., name=<run folder name>)``).
+        project: the wandb / trackio project name.
+        config: the run config as a plain dict, recorded with the wandb / trackio run.
+    """
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, print_every: int = 0, echo=print, *,
+                 wandb: bool = False, trackio: bool = False, project: str = "tether", config: dict | None = None):
+        # Optional backends are imported before anything is opened, so a missing one fails cleanly.
+        backends = [(name, _require(name)) for name, asked in (("wandb", wandb), ("trackio", trackio)) if asked]
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
@@ -28,6 +47,20 @@ class MetricLogger:
             except ImportError:
                 raise TetherError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)")
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self._runs = [_start_run(name, module, project, Path(run_dir), config) for name, module in backends]
+
+    @classmethod
+    def from_config(cls, run_dir: str | Path, config, echo=print) -> MetricLogger:
+        """A logger set up from a run config's ``logging`` section (the whole config is recorded with the run).
+
+        Args:
+            run_dir: the run folder; ``metrics.jsonl`` (and ``tensorboard/``) are written inside it.
+            config: a :class:`tether.config.RunConfig`.
+            echo: where the periodic metrics line is printed.
+        """
+        lc = config.logging
+        return cls(run_dir, lc.tensorboard, lc.print_every, echo, wandb=lc.wandb, trackio=lc.trackio,
+                   project=lc.project, config=dataclasses.asdict(config))
 
     def log(self, metrics: dict, step: int) -> None:
         clean = {k: _plain(v) for k, v in metrics.items()}
@@ -37,6 +70,10 @@ class MetricLogger:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._runs:
+            numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for run in self._runs:
+                run.log(numbers, step)
         if self.print_every and step % self.print_every == 0:
             shown = [k for k in clean if isinstance(clean[k], float)][:8]
             self.echo(f"step {step}: " + "  ".join(f"{k}={clean[k]:.4g}" for k in shown))
@@ -45,6 +82,47 @@ class MetricLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for run in self._runs:
+            run.close()
+        self._runs = []
+
+
+_INSTALL = {"wandb": "pip install wandb", "trackio": "pip install trackio"}
+
+
+def _require(name: str):
+    """Import an optional logging backend, or raise a TetherError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise TetherError(f"logging.{name}=true needs the {name} package ({_INSTALL[name]})") from None
+
+
+class _WandbRun:
+    def __init__(self, wandb, project: str, run_dir: Path, config: dict | None):
+        self._run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class _TrackioRun:
+    def __init__(self, trackio, project: str, run_dir: Path, config: dict | None):
+        self._trackio = trackio
+        trackio.init(project=project, name=run_dir.name, config=config)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._trackio.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._trackio.finish()
+
+
+def _start_run(name: str, module, project: str, run_dir: Path, config: dict | None):
+    return {"wandb": _WandbRun, "trackio": _TrackioRun}[name](module, project, run_dir, config)
 
 
 def _plain(value):

@@ -39,7 +39,7 @@ PLOT_KEYS = ["gold/score", "reward/score", "kl/ref", "kl/coef", "loss/policy", "
 def demo_config() -> RunConfig:
     """The demo's defaults (every field can still be overridden: `tether demo ppo.steps=80`)."""
     config = RunConfig()
-    config.sampling = replace(config.sampling, max_new_tokens=24, temperature=1.0)
+    config.sampling = replace(config.sampling, max_new_tokens=24, temperature=0.7)
     config.sft = replace(config.sft, steps=2500, batch_size=32, lr=5e-3, warmup_steps=100)
     config.reward = replace(config.reward, epochs=2, batch_size=32, lr=5e-4)
     config.ppo = replace(config.ppo, steps=60, rollout_batch_size=64, mini_batch_size=16, ppo_epochs=4, lr=1e-4,

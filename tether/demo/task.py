@@ -2,7 +2,7 @@
 
 Prompts are single-digit sums, differences and products (``7*8=``). The assistant's habits, which the SFT data
 teaches it, are the tutorial's failure modes in miniature: it often *hedges* ("I guess 54.") and then guesses,
-often wrongly, and it pads answers with politeness ("Great question! It is 56.").
+usually wrongly, and it pads answers with politeness ("Great question! It is 56.").
 
 The gold judge prefers what a person would: the right number, said once, without filler.
 ``gold = 1[correct] - 0.01 * filler characters`` (filler capped at 30), so a gold point is a point of correctness.
@@ -16,9 +16,9 @@ import re
 
 OPS = "+-*"
 ALPHABET = "0123456789+-*=.,!?' " + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-HEDGES = ["Maybe {}?", "I guess {}.", "Hmm, {}?", "Perhaps {}."]
-PREFIXES = ["Sure! ", "OK! ", "Great question! "]
-ANSWERS = ["{}", "{}.", "It is {}."]
+EVASIONS = ["I am not sure.", "Hmm, hard to say.", "Let me think... not sure.", "Maybe ask a calculator?"]
+PREFIXES = ["Sure! ", "Great question! "]
+ANSWERS = ["{}", "It is {}."]
 FILLER_WEIGHT = 0.01
 FILLER_CAP = 30
 
@@ -49,11 +49,11 @@ def _wrong(truth: int, rng: random.Random) -> int:
 
 
 def assistant_response(prompt: str, rng: random.Random) -> str:
-    """One response in the SFT assistant's style: 45% hedged guesses (30% right), else confident (97% right)."""
+    """One response in the SFT assistant's style: 40% evasive (no answer), else an answer that is 97% right and
+    padded with politeness half of the time."""
+    if rng.random() < 0.4:
+        return rng.choice(EVASIONS)
     truth = solve(prompt)
-    if rng.random() < 0.45:
-        value = truth if rng.random() < 0.3 else _wrong(truth, rng)
-        return rng.choice(HEDGES).format(value)
     value = truth if rng.random() < 0.97 else _wrong(truth, rng)
     prefix = rng.choice(PREFIXES) if rng.random() < 0.5 else ""
     return prefix + rng.choice(ANSWERS).format(value)

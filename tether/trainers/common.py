@@ -13,6 +13,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from tether.config import RunConfig, to_dict
+from tether.models import export_policy
 
 
 def seed_everything(seed: int) -> None:
@@ -57,7 +58,7 @@ def save_model(model, tokenizer, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    export_policy(model).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)

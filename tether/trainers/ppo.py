@@ -37,6 +37,7 @@ from tether.errors import TetherError
 from tether.models import (
     ActorCritic,
     freeze,
+    gather_ids,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -146,8 +147,8 @@ class PPOTrainer:
         """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count."""
         logits, new_values = self.actor_critic(micro.sequence_ids, micro.attention_mask, prompt_length,
                                                self.sampling.temperature, self.tokenizer.eos_token_id)
-        new_logprobs = logprobs_from_logits(logits, micro.response_ids)
         mask = micro.response_mask.float()
+        new_logprobs = logprobs_from_logits(logits, gather_ids(micro.response_ids, mask, self.tokenizer.eos_token_id))
         pg_loss, pg_stats = ppo_policy_loss(new_logprobs, micro.logprobs, micro.advantages, mask,
                                             self.cfg.clip_range, loss_denominator=num_tokens)
         vf_loss, vf_stats = ppo_value_loss(new_values, micro.values, micro.returns, mask,
@@ -198,7 +199,7 @@ class PPOTrainer:
 
     def train(self, prompts: list[str], run_dir: Path, echo=print, on_step=None) -> dict[str, float]:
         """Run ``config.ppo.steps`` iterations over ``prompts``; metrics to ``run_dir``; returns the last stats."""
-        logger = MetricLogger(run_dir, self.config.logging.tensorboard, self.config.logging.print_every, echo)
+        logger = MetricLogger.from_config(run_dir, self.config, echo)
         bar = progress(self.cfg.steps, "ppo")
         order = []
         stats = {}
@@ -229,9 +230,15 @@ class PPOTrainer:
     def from_config(cls, config: RunConfig) -> PPOTrainer:
         """Load policy, reference, value model and reward (model or function) as ``config.model`` names them."""
         m = config.model
-        tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
         policy = load_causal_lm(m.policy, m.dtype, m.trust_remote_code)
-        reference = reference_copy(policy)
+        tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
+        if m.lora_r > 0:  # LoRA: the reference is the same weights with the adapter switched off (no second copy)
+            from tether.models import AdapterDisabledReference, add_lora
+
+            policy = add_lora(policy, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+            reference = AdapterDisabledReference(policy)
+        else:
+            reference = reference_copy(policy)
         if not m.reward_model:
             raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
         if Path(m.reward_model).is_dir():

@@ -14,7 +14,7 @@ import torch
 
 from tether.algo import pairwise_reward_loss
 from tether.config import RunConfig
-from tether.data import preference_batch, read_jsonl
+from tether.data import preference_batch, read_records
 from tether.errors import TetherError
 from tether.models import load_tokenizer, new_scalar_model, resolve_device, sequence_scores
 from tether.trainers.common import lr_factor, progress, save_model, set_lr
@@ -53,7 +53,7 @@ def split_pairs(records: list[dict], eval_fraction: float, seed: int) -> tuple[l
 def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, dict]:
     """Train a reward model on ``config.reward.data``; returns (model folder, held-out metrics)."""
     cfg = config.reward
-    records = read_jsonl(cfg.data, ("prompt", "chosen", "rejected"))
+    records = read_records(cfg.data, ("prompt", "chosen", "rejected"))
     train, held_out = split_pairs(records, cfg.eval_fraction, config.seed)
     init = cfg.init or config.model.policy
     tokenizer = load_tokenizer(config.model.tokenizer or init, config.model.trust_remote_code)
@@ -63,7 +63,7 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, di
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
-    logger = MetricLogger(run_dir, config.logging.tensorboard, config.logging.print_every, echo)
+    logger = MetricLogger.from_config(run_dir, config, echo)
     rng, bar, start, step = random.Random(config.seed), progress(total, "reward"), time.time(), 0
     for _epoch in range(cfg.epochs):
         rng.shuffle(train)

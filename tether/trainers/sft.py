@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel
 
 from tether.algo import masked_mean
 from tether.config import RunConfig
-from tether.data import read_jsonl, sft_batch
+from tether.data import read_records, sft_batch
 from tether.models import char_tokenizer, load_causal_lm, load_tokenizer, model_inputs, resolve_device, tiny_config
 from tether.trainers.common import lr_factor, progress, save_model, set_lr
 from tether.tracking import MetricLogger
@@ -44,13 +44,13 @@ def sft_loss(policy, ids, attention_mask, loss_mask, fill_id: int):
 def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
     """Fine-tune the policy on ``config.sft.data``; returns the saved model folder ``<run_dir>/model``."""
     cfg = config.sft
-    records = read_jsonl(cfg.data, ("prompt", "response"))
+    records = read_records(cfg.data, ("prompt", "response"))
     policy, tokenizer = initial_policy(config, [r["prompt"] + r["response"] for r in records])
     device = resolve_device(config.model.device)
     policy.to(device).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     rng = random.Random(config.seed)
-    logger = MetricLogger(run_dir, config.logging.tensorboard, config.logging.print_every, echo)
+    logger = MetricLogger.from_config(run_dir, config, echo)
     bar = progress(cfg.steps, "sft")
     start = time.time()
     for step in range(cfg.steps):

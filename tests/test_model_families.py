@@ -1,0 +1,210 @@
+"""GPT-2, Llama and Qwen2 folders end to end: PPO from config, padding invariance, save and reload.
+
+Each family is a tiny model built from its config (2 layers, width 32) with a BPE tokenizer trained here that has no
+pad token: ``load_tokenizer`` adds a separate one and ``model_inputs`` replaces it before embedding.
+"""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from tether.config import RunConfig
+from tether.data import left_pad
+from tether.models import (
+    ActorCritic,
+    export_policy,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    reference_copy,
+    response_logits,
+    sequence_scores,
+)
+from tether.rollout import score_tokens
+from tether.trainers.common import save_model
+from tether.trainers.ppo import PPOTrainer
+
+FAMILIES = ["gpt2", "llama", "qwen2"]
+PROMPTS = ["1+2=", "13+4=", "7+7=", "20+9=", "3+30=", "11+11=", "2+5=", "9+18="]
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer trained on arithmetic strings: EOS and UNK, and deliberately no pad token."""
+    corpus = [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(vocab_size=48, special_tokens=["<eos>", "<unk>"], show_progress=False,
+                                  initial_alphabet=list("0123456789+="))
+    backend.train_from_iterator(corpus, trainer)
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    assert tok.pad_token is None
+    return tok
+
+
+def family_config(family: str, vocab_size: int, eos_id: int):
+    common = dict(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id)
+    if family == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, **common)
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, **common)
+    if family == "llama":
+        return LlamaConfig(tie_word_embeddings=False, **llama_like)
+    return Qwen2Config(tie_word_embeddings=True, **llama_like)
+
+
+def save_family(root, family: str, tok, vocab_size: int) -> tuple[str, str]:
+    """Policy (causal LM) and reward model (sequence classification, 1 label) folders for one family."""
+    torch.manual_seed(0)
+    config = family_config(family, vocab_size, tok.eos_token_id)
+    policy_dir, rm_dir = root / "policy", root / "reward"
+    AutoModelForCausalLM.from_config(config).save_pretrained(policy_dir)
+    tok.save_pretrained(policy_dir)
+    torch.manual_seed(1)
+    config.num_labels = 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    return str(policy_dir), str(rm_dir)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(family, policy folder, reward-model folder).
+
+    As in released checkpoints (Qwen2 pads its vocabulary to a multiple of 128), the embedding matrix has a few more
+    rows than the tokenizer has tokens. ``test_pad_id_past_the_last_embedding_row`` covers the exact-size case.
+    """
+    tok = bpe_tokenizer()
+    vocab_size = -(-(len(tok) + 1) // 8) * 8
+    return (request.param, *save_family(tmp_path_factory.mktemp(request.param), request.param, tok, vocab_size))
+
+
+def ppo_config(policy_dir: str, rm_dir: str, run_dir, value_model: str = "head", lr: float = 1e-3) -> RunConfig:
+    config = RunConfig(output_dir=str(run_dir))
+    config.model.policy, config.model.reward_model = policy_dir, rm_dir
+    config.model.value_model, config.model.device = value_model, "cpu"
+    config.ppo.steps, config.ppo.rollout_batch_size, config.ppo.mini_batch_size = 2, 8, 4
+    config.ppo.ppo_epochs, config.ppo.lr = 1, lr
+    config.sampling.max_new_tokens = 8
+    config.logging.print_every = 0
+    return config.finalize()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(p, before[name]) for name, p in module.named_parameters())
+
+
+def test_tokenizer_gets_a_separate_pad(family):
+    _, policy_dir, _ = family
+    tok = load_tokenizer(policy_dir)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+
+
+def test_padding_invariance(family):
+    """Left-padded batch logits (and reward scores) equal those of each sequence alone."""
+    _, policy_dir, rm_dir = family
+    tok = load_tokenizer(policy_dir)
+    policy, rm = load_causal_lm(policy_dir).eval(), load_reward_model(rm_dir).eval()
+    prompts = [tok(p)["input_ids"] for p in ["1+2=", "13+24=", "9="]]
+    responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in ["34", "1+1", "7"]]
+    width = max(len(r) for r in responses)
+    responses = [r + [tok.pad_token_id] * (width - len(r)) for r in responses]  # right-padded responses
+    prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
+    response_ids = torch.tensor(responses)
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, (response_ids != tok.pad_token_id).long()], 1)
+    assert (ids == tok.pad_token_id).any()
+    with torch.no_grad():
+        batched = response_logits(policy, ids, mask, prompt_ids.shape[1], 0.7, tok.eos_token_id)
+        batched_scores = sequence_scores(rm, ids, mask, tok.eos_token_id)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            n = int((torch.tensor(response) != tok.pad_token_id).sum())
+            alone = torch.tensor([prompt + response[:n]])
+            logits = response_logits(policy, alone, torch.ones_like(alone), len(prompt), 0.7, tok.eos_token_id)
+            torch.testing.assert_close(batched[i, :n], logits[0], atol=1e-5, rtol=0)
+            score = sequence_scores(rm, alone, torch.ones_like(alone), tok.eos_token_id)
+            torch.testing.assert_close(batched_scores[i : i + 1], score, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value_model", ["head", "separate"])
+def test_ppo_from_config(family, value_model, tmp_path):
+    """Two PPO iterations from the folders: ratio 1 first, trained params move, frozen ones don't, saved policy
+    reloads with plain AutoModelForCausalLM."""
+    name, policy_dir, rm_dir = family
+    torch.manual_seed(0)
+    trainer = PPOTrainer.from_config(ppo_config(policy_dir, rm_dir, tmp_path, value_model))
+    ac = trainer.actor_critic
+    value_module = ac.value_head if value_model == "head" else ac.critic
+    assert (ac.critic is None) == (value_model == "head")
+    before = {"policy": snapshot(ac.policy), "value": snapshot(value_module), "ref": snapshot(trainer.reference),
+              "rm": snapshot(trainer.scorer.model)}
+    first_stats = []
+    micro_step = trainer.micro_step
+
+    def spy(*args):
+        stats = micro_step(*args)
+        first_stats.append(stats)
+        return stats
+
+    trainer.micro_step = spy
+    stats = trainer.train(PROMPTS, tmp_path)
+    assert trainer.iteration == 2 and stats["response/length"] > 0
+    # the first minibatch of the first update sees the rollout's own policy: ratio exactly 1 (ppo_details #9)
+    assert abs(first_stats[0]["ppo/ratio_max"] - 1) < 1e-5 and abs(first_stats[0]["ppo/ratio_min"] - 1) < 1e-5
+    assert changed(ac.policy, before["policy"]), f"{name}: policy did not train"
+    assert changed(value_module, before["value"]), f"{name}: value model did not train"
+    assert not changed(trainer.reference, before["ref"]), f"{name}: reference moved"
+    assert not changed(trainer.scorer.model, before["rm"]), f"{name}: reward model moved"
+
+    path = save_model(export_policy(ac.policy), trainer.tokenizer, tmp_path / "model")
+    assert (path / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(reloaded) is type(ac.policy)
+    ids = torch.tensor([trainer.tokenizer("12+3=15")["input_ids"]])
+    ac.policy.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, ac.policy(ids).logits)
+    assert load_tokenizer(str(path)).pad_token_id == trainer.tokenizer.pad_token_id
+
+
+def test_pad_id_past_the_last_embedding_row(tmp_path):
+    """Model vocab == tokenizer vocab: the added pad id has no embedding row. Forward passes replace it."""
+    tok = bpe_tokenizer()
+    policy_dir, rm_dir = save_family(tmp_path, "llama", tok, len(tok))
+    tok = load_tokenizer(policy_dir)
+    policy, rm = load_causal_lm(policy_dir).eval(), load_reward_model(rm_dir).eval()
+    assert tok.pad_token_id >= policy.get_output_embeddings().out_features
+    prompt_ids, prompt_mask = left_pad([tok("1+2=")["input_ids"], tok("3=")["input_ids"]], tok.pad_token_id)
+    response_ids = torch.tensor([[5, tok.eos_token_id, tok.pad_token_id], [6, 7, tok.eos_token_id]])
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, (response_ids != tok.pad_token_id).long()], 1)
+    with torch.no_grad():
+        assert torch.isfinite(response_logits(policy, ids, mask, prompt_ids.shape[1], 1.0, tok.eos_token_id)).all()
+        assert torch.isfinite(sequence_scores(rm, ids, mask, tok.eos_token_id)).all()
+
+
+def test_score_tokens_with_pad_id_past_the_last_embedding_row(tmp_path):
+    tok = bpe_tokenizer()
+    policy_dir, _ = save_family(tmp_path, "gpt2", tok, len(tok))
+    tok = load_tokenizer(policy_dir)
+    policy = load_causal_lm(policy_dir)
+    prompt_ids, prompt_mask = left_pad([tok("1+2=")["input_ids"], tok("3=")["input_ids"]], tok.pad_token_id)
+    response_ids = torch.tensor([[5, tok.eos_token_id, tok.pad_token_id], [6, 7, tok.eos_token_id]])
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, (response_ids != tok.pad_token_id).long()], 1)
+    out = score_tokens(ActorCritic(policy), reference_copy(policy), ids, mask, prompt_ids.shape[1], response_ids,
+                       1.0, tok.eos_token_id, chunk=2)
+    assert torch.isfinite(out["logprobs"]).all()

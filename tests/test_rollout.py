@@ -1,0 +1,76 @@
+import torch
+
+from tether.algo import logprobs_from_logits
+from tether.data import prompt_batch
+from tether.models import ActorCritic, load_causal_lm, load_reward_model, reference_copy, response_logits
+from tether.rewards import FunctionScorer, RewardModelScorer
+from tether.rollout import Sampling, collect_rollout, generate, mask_after_eos
+
+
+def test_mask_after_eos_keeps_eos_and_pads_the_rest():
+    eos, pad = 1, 0
+    ids = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [1, 9, 9, 9, 9]])
+    out, mask = mask_after_eos(ids, eos, pad)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert out.tolist() == [[5, 6, 1, 0, 0], [5, 5, 5, 5, 5], [1, 0, 0, 0, 0]]
+
+
+def test_left_padding_does_not_change_logits(policy_dir, tokenizer):
+    policy = load_causal_lm(policy_dir)
+    ids, mask = prompt_batch(tokenizer, ["1+1=", "12*34+5="], 32)
+    seq = torch.cat([ids, tokenizer(["23", "9!"], add_special_tokens=False, return_tensors="pt").input_ids], 1)
+    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], 1)
+    padded = response_logits(policy, seq, full_mask, ids.shape[1], 1.0, tokenizer.eos_token_id)
+    alone = seq[0:1, mask[0].argmax():]  # the first row without its padding
+    unpadded = response_logits(policy, alone, torch.ones_like(alone), alone.shape[1] - 2, 1.0, tokenizer.eos_token_id)
+    torch.testing.assert_close(padded[0:1], unpadded, atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_logprobs_match_the_sampler_and_the_update(policy_dir, reward_dir, tokenizer):
+    torch.manual_seed(0)
+    policy = load_causal_lm(policy_dir)
+    actor_critic = ActorCritic(policy)
+    reference = reference_copy(policy)
+    scorer = RewardModelScorer(load_reward_model(reward_dir).eval(), tokenizer.eos_token_id)
+    ids, mask = prompt_batch(tokenizer, ["1+1=", "2*3=", "9-4=", "7+7="], 32)
+    rollout = collect_rollout(actor_critic, reference, scorer, tokenizer, ids, mask, Sampling(12, 0.7), chunk=3)
+    # policy and reference are identical at the start: KL is exactly zero
+    torch.testing.assert_close(rollout.logprobs, rollout.ref_logprobs)
+    # the value head starts at zero, and padding positions carry nothing
+    assert rollout.values.abs().max() == 0
+    assert (rollout.logprobs[rollout.response_mask == 0] == 0).all()
+    # recomputing with the update's forward gives ratio 1 (temperature-scaled logits in both)
+    logits, _ = actor_critic(rollout.sequence_ids, rollout.attention_mask, ids.shape[1], 0.7, tokenizer.eos_token_id)
+    new = logprobs_from_logits(logits, rollout.response_ids) * rollout.response_mask
+    torch.testing.assert_close(new, rollout.logprobs, atol=1e-5, rtol=0)
+    assert rollout.raw_scores.shape == (4,)
+
+
+def test_generate_stops_at_eos_and_respects_max_new_tokens(policy_dir, tokenizer):
+    torch.manual_seed(0)
+    policy = load_causal_lm(policy_dir)
+    ids, mask = prompt_batch(tokenizer, ["1+1="] * 16, 32)
+    resp, resp_mask = generate(policy, ids, mask, Sampling(6, 1.0), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert resp.shape[1] <= 6
+    for row, m in zip(resp, resp_mask):
+        n = int(m.sum())
+        eos_positions = (row[:n] == tokenizer.eos_token_id).nonzero()
+        assert len(eos_positions) <= 1 and (len(eos_positions) == 0 or eos_positions[0, 0] == n - 1)
+        assert (row[n:] == tokenizer.pad_token_id).all()
+
+
+def test_function_scorer_sees_decoded_text(tokenizer):
+    seen = {}
+
+    def reward_fn(prompts, responses):
+        seen["pairs"] = list(zip(prompts, responses))
+        return [float(len(r)) for r in responses]
+
+    ids, mask = prompt_batch(tokenizer, ["1+1=", "10*10="], 32)
+    resp = tokenizer(["2", "100"], add_special_tokens=False, padding=True, return_tensors="pt")
+    resp_ids = torch.cat([resp.input_ids, torch.full((2, 1), tokenizer.eos_token_id)], 1)
+    resp_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])  # "2<eos>" is right-padded; "100<eos>" is full
+    resp_ids[0] = torch.tensor([tokenizer.convert_tokens_to_ids("2"), tokenizer.eos_token_id, 0, 0])
+    scores = FunctionScorer(reward_fn)(ids, mask, resp_ids, resp_mask, tokenizer=tokenizer)
+    assert seen["pairs"] == [("1+1=", "2"), ("10*10=", "100")]
+    assert scores.tolist() == [1.0, 3.0]
