@@ -39,7 +39,7 @@ def test_trl_aliases_map_to_canonical_names(tmp_path):
     ("ppo.steps=ten", "ppo.steps: expected an integer"),
     ("ppo.steps=1.5", "ppo.steps: expected an integer"),
     ("ppo.adaptive_kl=maybe", "ppo.adaptive_kl: expected true or false"),
-    ("ppo.kl_estimator=k9", "ppo.kl_estimator: 'k9' is not one of k1, k2, k3, abs, mse"),
+    ("ppo.kl_estimator=k9", "ppo.kl_estimator: 'k9' is not one of k1, k2, k3, kl, abs, mse"),
     ("ppo.mini_batch_size=10", "must divide ppo.rollout_batch_size"),
     ("sampling.temperature=0", "sampling.temperature must be > 0"),
     ("clip_range", "must look like section.field=value"),

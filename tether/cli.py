@@ -102,11 +102,14 @@ def run(argv: list[str]) -> int:
     elif args.command == "sft":
         from tether.trainers.sft import train_sft
 
-        print(f"model: {train_sft(config, run_dir)}")
+        path = train_sft(config, run_dir)
+        _plot(run_dir, ["sft/loss", "sft/token_accuracy", "sft/lr"])
+        print(f"model: {path}")
     elif args.command == "reward":
         from tether.trainers.reward import train_reward
 
-        path, metrics = train_reward(config, run_dir)
+        path, _ = train_reward(config, run_dir)
+        _plot(run_dir, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_accuracy", "rm/eval_margin"])
         print(f"model: {path}")
     elif args.command == "ppo":
         _ppo(config, run_dir)
@@ -115,7 +118,6 @@ def run(argv: list[str]) -> int:
 
 def _ppo(config: RunConfig, run_dir: Path) -> None:
     from tether.data import read_records
-    from tether.plot import plot_metrics
     from tether.trainers.common import save_model
     from tether.trainers.ppo import PPOTrainer
 
@@ -124,10 +126,15 @@ def _ppo(config: RunConfig, run_dir: Path) -> None:
     trainer.train(prompts, run_dir)
     trainer.save(run_dir / "checkpoints")
     path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model")
-    plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png",
-                 ["reward/score", "kl/ref", "kl/coef", "loss/policy", "loss/value", "ppo/clipfrac",
-                  "ppo/approx_kl", "ppo/explained_variance", "response/length"])
+    _plot(run_dir, ["reward/score", "kl/ref", "kl/coef", "loss/policy", "loss/value", "ppo/clipfrac",
+                    "ppo/approx_kl", "ppo/explained_variance", "response/length"])
     print(f"model: {path}")
+
+
+def _plot(run_dir: Path, keys: list[str]) -> None:
+    from tether.plot import plot_metrics
+
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", keys, title=str(run_dir))
 
 
 def _sample(args) -> int:

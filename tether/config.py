@@ -133,8 +133,8 @@ class PPOParams:
     """Weight of the value loss in the total loss."""
     kl_coef: float = 0.05
     """KL penalty coefficient beta (the starting value when adaptive_kl is on)."""
-    kl_estimator: Literal["k1", "k2", "k3", "abs", "mse"] = "k1"
-    """Per-token KL estimator in the reward."""
+    kl_estimator: Literal["k1", "k2", "k3", "kl", "abs", "mse"] = "k1"
+    """Per-token KL estimator in the reward (TRL names: kl = k1, mse = k2, abs = |k1|)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
     kl_target: float = 6.0

@@ -21,7 +21,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
-    GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
 
@@ -103,30 +102,29 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """Load a local causal-LM folder (safetensors weights) with dropout off."""
-    _check_folder(path, "policy")
+def _from_pretrained(auto_class, path: str, what: str, dtype: str, trust_remote_code: bool, **kwargs) -> nn.Module:
+    """``auto_class.from_pretrained`` from a local folder, safetensors only, dropout off; errors name ``what``."""
+    _check_folder(path, what)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+        model = auto_class.from_pretrained(
+            path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
         )
     except (OSError, ValueError) as e:
-        raise TetherError(f"policy '{path}': {str(e).splitlines()[0]}") from None
+        raise TetherError(f"{what} '{path}': {str(e).splitlines()[0]}") from None
     return disable_dropout(model)
+
+
+def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    """Load a local causal-LM folder (safetensors weights) with dropout off."""
+    return _from_pretrained(AutoModelForCausalLM, path, "policy", dtype, trust_remote_code)
 
 
 def load_reward_model(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """Load a sequence-classification folder with one output (a reward model), frozen."""
-    _check_folder(path, "reward model")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except (OSError, ValueError) as e:
-        raise TetherError(f"reward model '{path}': {str(e).splitlines()[0]}") from None
+    """Load a sequence-classification folder with one output (a reward model)."""
+    model = _from_pretrained(AutoModelForSequenceClassification, path, "reward model", dtype, trust_remote_code)
     if model.config.num_labels != 1:
         raise TetherError(f"reward model '{path}': expected num_labels=1, found {model.config.num_labels}")
-    return disable_dropout(model)
+    return model
 
 
 def new_scalar_model(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
@@ -134,15 +132,13 @@ def new_scalar_model(path: str, dtype: str = "float32", trust_remote_code: bool 
 
     A fresh head is drawn from N(0, 1/sqrt(d_model + 1)) (ppo_details #2).
     """
-    _check_folder(path, "model")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", dtype, trust_remote_code,
+                             num_labels=1)
     head = model.score
     nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
         nn.init.zeros_(head.bias)
-    return disable_dropout(model)
+    return model
 
 
 def model_inputs(ids: torch.Tensor, attention_mask: torch.Tensor, fill_id: int) -> dict[str, torch.Tensor]:

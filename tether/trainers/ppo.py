@@ -163,7 +163,9 @@ class PPOTrainer:
             "loss/value": vf_loss.item() * scale,
             "loss/total": loss.item() * scale,
             "ppo/entropy": entropy.item(),
-            **{f"ppo/{k}": v.item() for k, v in {**pg_stats, **vf_stats}.items()},
+            **{f"ppo/{k}": v.item() for k, v in pg_stats.items()},
+            **{f"ppo/{k}": v.item() for k, v in vf_stats.items() if k != "value_mean"},
+            "ppo/vpred_mean": vf_stats["value_mean"].item(),
         }
 
     def clip_gradients(self) -> float:
