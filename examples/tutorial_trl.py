@@ -64,8 +64,9 @@ def main(steps: int = 20, seed: int = 0, reward: str = "sevens") -> list[dict]:
         sft_model, reward_folder = build_folders(root, seed)  # tether: local folders instead of hub names
         # Prompts without a '7', so that only the response can earn the '7' reward.
         prompts_data = [{"prompt": p} for p in all_prompts() if "7" not in p]
-        sampler = RandomSampler(prompts_data, replacement=True, num_samples=steps * 16,
-                                generator=torch.Generator().manual_seed(seed))
+        sampler = RandomSampler(
+            prompts_data, replacement=True, num_samples=steps * 16, generator=torch.Generator().manual_seed(seed)
+        )
         dataloader = DataLoader(prompts_data, batch_size=16, sampler=sampler)
 
         # ===== 模型設定 =====
@@ -95,16 +96,13 @@ def main(steps: int = 20, seed: int = 0, reward: str = "sevens") -> list[dict]:
             batch_size=16,  # tether: CPU sizes (the tutorial: 256 and 64)
             mini_batch_size=4,
             ppo_epochs=4,
-
             # PPO 核心參數
             cliprange=0.2,
             vf_coef=0.5,
             init_kl_coef=0.01,
-
             # Adaptive KL
             target_kl=6.0,
             adap_kl_ctrl=True,
-
             # 穩定性
             cliprange_value=0.2,
             max_grad_norm=1.0,
@@ -148,9 +146,7 @@ def main(steps: int = 20, seed: int = 0, reward: str = "sevens") -> list[dict]:
 
             # ===== Reward 計算 =====
             # 一般是 prompt + response
-            reward_texts = [
-                p + r for p, r in zip(prompts, responses)
-            ]
+            reward_texts = [p + r for p, r in zip(prompts, responses)]
 
             reward_inputs = tokenizer(
                 reward_texts,
@@ -181,8 +177,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="PPO steps (batches of 16 prompts)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reward", choices=["sevens", "model"], default="sevens",
-                        help="'sevens': fraction of '7' characters; 'model': a random sequence classifier")
+    parser.add_argument(
+        "--reward",
+        choices=["sevens", "model"],
+        default="sevens",
+        help="'sevens': fraction of '7' characters; 'model': a random sequence classifier",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # a tiny model runs fastest on one thread
     transformers.utils.logging.set_verbosity_error()  # the new reward head's load report, a padding false alarm

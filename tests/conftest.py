@@ -26,8 +26,9 @@ def policy_dir(tmp_path_factory, tokenizer):
     """A 2-layer GPT-2 (width 32) with the character tokenizer, saved as a Hugging Face folder."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("policy")
-    config = tiny_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, n_embd=32, n_layer=2,
-                         n_head=2)
+    config = tiny_config(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, n_embd=32, n_layer=2, n_head=2
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -8,14 +8,24 @@ import pytest
 
 from tether.cli import run
 
-TINY_DEMO = ["sft.steps=30", "demo.sft_examples=300", "demo.preference_pairs=48", "reward.epochs=1",
-             "ppo.steps=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "demo.eval_prompts=8",
-             "demo.eval_samples=1", "sampling.max_new_tokens=12"]
+TINY_DEMO = [
+    "sft.steps=30",
+    "demo.sft_examples=300",
+    "demo.preference_pairs=48",
+    "reward.epochs=1",
+    "ppo.steps=2",
+    "ppo.rollout_batch_size=16",
+    "ppo.mini_batch_size=8",
+    "demo.eval_prompts=8",
+    "demo.eval_samples=1",
+    "sampling.max_new_tokens=12",
+]
 
 
 def tether(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tether.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tether.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_help_lists_every_field_with_one_line(capsys):
@@ -26,12 +36,18 @@ def test_help_lists_every_field_with_one_line(capsys):
     assert "sft.steps" not in out  # only the sections the command reads
 
 
-@pytest.mark.parametrize("args, message", [
-    (["ppo", "ppo.clip_rnage=0.1"], "tether: command line: unknown config key 'ppo.clip_rnage'"),
-    (["ppo", "--config", "missing.yaml"], "tether: missing.yaml: config file not found"),
-    (["sft", "sft.data=nothing.jsonl"], "tether: nothing.jsonl: data file not found"),
-    (["ppo", "model.policy=/no/such/model", "ppo.prompts=p.jsonl"], "tether: policy '/no/such/model': no such folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ppo", "ppo.clip_rnage=0.1"], "tether: command line: unknown config key 'ppo.clip_rnage'"),
+        (["ppo", "--config", "missing.yaml"], "tether: missing.yaml: config file not found"),
+        (["sft", "sft.data=nothing.jsonl"], "tether: nothing.jsonl: data file not found"),
+        (
+            ["ppo", "model.policy=/no/such/model", "ppo.prompts=p.jsonl"],
+            "tether: policy '/no/such/model': no such folder",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "p.jsonl").write_text('{"prompt": "1+1="}\n')
     result = tether(*args, f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -43,8 +59,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_bad_jsonl_line_is_named(tmp_path):
     (tmp_path / "sft.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "oops"\n')
     result = tether("sft", f"sft.data={tmp_path / 'sft.jsonl'}", f"output_dir={tmp_path / 'run'}")
-    assert result.returncode == 2 and result.stderr.strip().endswith("sft.jsonl:2: not valid JSON (Expecting ',' "
-                                                                     "delimiter)")
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "sft.jsonl:2: not valid JSON (Expecting ',' delimiter)"
+    )
 
 
 @pytest.mark.slow
@@ -53,19 +70,44 @@ def test_demo_then_ppo_then_sample(tmp_path):
     result = tether("demo", *TINY_DEMO, f"output_dir={run_dir}")
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ["sft.gold", "ppo.gold", "sft.rm_score", "ppo.rm_score", "ppo.kl", "rm.accuracy", "sft.length",
-                "ppo.length", "wall_seconds"]:
+    for key in [
+        "sft.gold",
+        "ppo.gold",
+        "sft.rm_score",
+        "ppo.rm_score",
+        "ppo.kl",
+        "rm.accuracy",
+        "sft.length",
+        "ppo.length",
+        "wall_seconds",
+    ]:
         assert isinstance(summary[key], float), key
     assert summary["sft.kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy is the reference
     assert "held-out prompts" in result.stdout and "SFT" in result.stdout
-    for path in ["config.yaml", "ppo_curves.png", "sft/metrics.jsonl", "reward/metrics.jsonl", "ppo/metrics.jsonl",
-                 "ppo/model/model.safetensors", "reward/model/model.safetensors", "data/preferences.jsonl"]:
+    for path in [
+        "config.yaml",
+        "ppo_curves.png",
+        "sft/metrics.jsonl",
+        "reward/metrics.jsonl",
+        "ppo/metrics.jsonl",
+        "ppo/model/model.safetensors",
+        "reward/model/model.safetensors",
+        "data/preferences.jsonl",
+    ]:
         assert (run_dir / path).is_file(), path
 
     ppo_dir = tmp_path / "ppo"
-    result = tether("ppo", f"model.policy={run_dir / 'sft/model'}", f"model.reward_model={run_dir / 'reward/model'}",
-                    f"ppo.prompts={run_dir / 'data/prompts.jsonl'}", "ppo.steps=2", "ppo.rollout_batch_size=8",
-                    "ppo.mini_batch_size=4", "ppo.cliprange=0.1", f"output_dir={ppo_dir}")
+    result = tether(
+        "ppo",
+        f"model.policy={run_dir / 'sft/model'}",
+        f"model.reward_model={run_dir / 'reward/model'}",
+        f"ppo.prompts={run_dir / 'data/prompts.jsonl'}",
+        "ppo.steps=2",
+        "ppo.rollout_batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.cliprange=0.1",
+        f"output_dir={ppo_dir}",
+    )
     assert result.returncode == 0, result.stderr
     assert (ppo_dir / "model/model.safetensors").is_file() and (ppo_dir / "curves.png").is_file()
     assert (ppo_dir / "checkpoints/step_000002/trainer_state.json").is_file()
@@ -76,12 +118,22 @@ def test_demo_then_ppo_then_sample(tmp_path):
 
 
 def test_ppo_with_a_python_reward_function(tmp_path, policy_dir):
-    (tmp_path / "my_reward.py").write_text("def shortness(prompts, responses):\n"
-                                           "    return [-float(len(r)) for r in responses]\n")
+    (tmp_path / "my_reward.py").write_text(
+        "def shortness(prompts, responses):\n    return [-float(len(r)) for r in responses]\n"
+    )
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(8)))
-    result = tether("ppo", f"model.policy={policy_dir}", "model.reward_model=my_reward:shortness",
-                    "ppo.prompts=prompts.jsonl", "ppo.steps=1", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
-                    "sampling.max_new_tokens=6", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = tether(
+        "ppo",
+        f"model.policy={policy_dir}",
+        "model.reward_model=my_reward:shortness",
+        "ppo.prompts=prompts.jsonl",
+        "ppo.steps=1",
+        "ppo.rollout_batch_size=8",
+        "ppo.mini_batch_size=8",
+        "sampling.max_new_tokens=6",
+        f"output_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
     assert record["reward/score"] == pytest.approx(-(record["response/length"] - record["response/ended"]), abs=1e-4)

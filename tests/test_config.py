@@ -11,8 +11,15 @@ def test_defaults_finalize():
 
 
 def test_dotted_overrides_are_typed():
-    config = build_config(overrides=["ppo.clip_range=0.1", "ppo.adaptive_kl=true", "ppo.steps=7",
-                                     "ppo.value_clip_range=none", "sampling.top_p=0.9"])
+    config = build_config(
+        overrides=[
+            "ppo.clip_range=0.1",
+            "ppo.adaptive_kl=true",
+            "ppo.steps=7",
+            "ppo.value_clip_range=none",
+            "sampling.top_p=0.9",
+        ]
+    )
     assert config.ppo.clip_range == 0.1 and config.ppo.adaptive_kl is True and config.ppo.steps == 7
     assert config.ppo.value_clip_range is None and config.sampling.top_p == 0.9
 
@@ -26,24 +33,35 @@ def test_yaml_then_overrides(tmp_path):
 
 def test_trl_aliases_map_to_canonical_names(tmp_path):
     path = tmp_path / "trl.yaml"
-    path.write_text("ppo:\n  cliprange: 0.15\n  init_kl_coef: 0.02\n  lam: 0.9\n  adap_kl_ctrl: true\n"
-                    "  target_kl: 4.0\n  batch_size: 32\n  learning_rate: 1.4e-5\n")
+    path.write_text(
+        "ppo:\n  cliprange: 0.15\n  init_kl_coef: 0.02\n  lam: 0.9\n  adap_kl_ctrl: true\n"
+        "  target_kl: 4.0\n  batch_size: 32\n  learning_rate: 1.4e-5\n"
+    )
     ppo = build_config(str(path)).ppo
-    assert (ppo.clip_range, ppo.kl_coef, ppo.gae_lambda, ppo.adaptive_kl, ppo.kl_target) == (0.15, 0.02, 0.9, True, 4.0)
+    assert (ppo.clip_range, ppo.kl_coef, ppo.gae_lambda, ppo.adaptive_kl, ppo.kl_target) == (
+        0.15,
+        0.02,
+        0.9,
+        True,
+        4.0,
+    )
     assert ppo.rollout_batch_size == 32 and ppo.lr == 1.4e-5
 
 
-@pytest.mark.parametrize("override, message", [
-    ("ppo.clip_rnage=0.1", "unknown config key 'ppo.clip_rnage'"),
-    ("nosection.x=1", "unknown config key 'nosection.x'"),
-    ("ppo.steps=ten", "ppo.steps: expected an integer"),
-    ("ppo.steps=1.5", "ppo.steps: expected an integer"),
-    ("ppo.adaptive_kl=maybe", "ppo.adaptive_kl: expected true or false"),
-    ("ppo.kl_estimator=k9", "ppo.kl_estimator: 'k9' is not one of k1, k2, k3, kl, abs, mse"),
-    ("ppo.mini_batch_size=10", "must divide ppo.rollout_batch_size"),
-    ("sampling.temperature=0", "sampling.temperature must be > 0"),
-    ("clip_range", "must look like section.field=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ppo.clip_rnage=0.1", "unknown config key 'ppo.clip_rnage'"),
+        ("nosection.x=1", "unknown config key 'nosection.x'"),
+        ("ppo.steps=ten", "ppo.steps: expected an integer"),
+        ("ppo.steps=1.5", "ppo.steps: expected an integer"),
+        ("ppo.adaptive_kl=maybe", "ppo.adaptive_kl: expected true or false"),
+        ("ppo.kl_estimator=k9", "ppo.kl_estimator: 'k9' is not one of k1, k2, k3, kl, abs, mse"),
+        ("ppo.mini_batch_size=10", "must divide ppo.rollout_batch_size"),
+        ("sampling.temperature=0", "sampling.temperature must be > 0"),
+        ("clip_range", "must look like section.field=value"),
+    ],
+)
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(TetherError) as err:
         build_config(overrides=[override])

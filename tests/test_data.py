@@ -18,11 +18,14 @@ def test_read_jsonl_reports_file_and_line(tmp_path):
         read_jsonl(path, ("prompt", "chosen", "rejected"))
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": "1+1=", "chosen": "2"}, "p.jsonl:1: missing field 'rejected'"),
-    ({"prompt": 3, "chosen": "2", "rejected": "3"}, "p.jsonl:1: field 'prompt' must be a string"),
-    ([1, 2], "p.jsonl:1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "1+1=", "chosen": "2"}, "p.jsonl:1: missing field 'rejected'"),
+        ({"prompt": 3, "chosen": "2", "rejected": "3"}, "p.jsonl:1: field 'prompt' must be a string"),
+        ([1, 2], "p.jsonl:1: expected a JSON object"),
+    ],
+)
 def test_read_jsonl_field_errors(tmp_path, record, message):
     path = write(tmp_path / "p.jsonl", [json.dumps(record)])
     with pytest.raises(TetherError, match=message):
@@ -45,7 +48,9 @@ def test_prompts_are_left_padded(tokenizer):
 
 
 def test_sft_batch_learns_only_the_response_and_eos(tokenizer):
-    ids, attn, loss_mask = sft_batch(tokenizer, [{"prompt": "2+2=", "response": "4"}, {"prompt": "9*9=", "response": "81"}], 32)
+    ids, attn, loss_mask = sft_batch(
+        tokenizer, [{"prompt": "2+2=", "response": "4"}, {"prompt": "9*9=", "response": "81"}], 32
+    )
     # row 0: [pad] 2 + 2 = 4 <eos>; row 1: 9 * 9 = 8 1 <eos>
     assert ids.shape == (2, 7)
     assert loss_mask.tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1, 1]]

@@ -34,8 +34,9 @@ def test_datasetdict_folder(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(one))
     assert read_records(one, ("prompt",)) == ROWS
     two = tmp_path / "two"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
-                          "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(two))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS)}
+    ).save_to_disk(str(two))
     with pytest.raises(TetherError, match=r"splits train, test; give one split's folder"):
         read_records(two, ("prompt",))
     assert read_records(two / "test", ("prompt",)) == ROWS
@@ -61,8 +62,9 @@ def test_field_errors_name_file_and_row(tmp_path, kind):
     path = make([{"prompt": "a"}], "absent")
     with pytest.raises(TetherError, match=rf"^{path}: row 1: missing field 'response' \(columns: prompt\)$"):
         read_records(path, ("prompt", "response"))
-    path = make([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}, {"prompt": "e", "response": "f"}],
-                "ok")
+    path = make(
+        [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}, {"prompt": "e", "response": "f"}], "ok"
+    )
     read_records(path, ("prompt", "response"))
     path = make([{"prompt": 1}, {"prompt": 2}], "ints")
     with pytest.raises(TetherError, match=rf"^{path}: row 1: field 'prompt' must be a string$"):

@@ -15,16 +15,45 @@ from tether.errors import TetherError
 from tether.legacy import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 LEGACY_KEYS = [
-    "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/mean_non_score_reward", "ppo/mean_scores",
-    "ppo/std_scores", "tokens/queries_len_mean", "tokens/queries_len_std", "tokens/responses_len_mean",
-    "tokens/responses_len_std", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy",
-    "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/policy/advantages_mean", "ppo/returns/mean",
-    "ppo/returns/var", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/mean", "ppo/val/var_explained",
-    "ppo/learning_rate", "time/ppo/forward_pass", "time/ppo/compute_rewards", "time/ppo/compute_advantages",
-    "time/ppo/optimize_step", "time/ppo/calc_stats", "time/ppo/total",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/entropy",
+    "ppo/mean_non_score_reward",
+    "ppo/mean_scores",
+    "ppo/std_scores",
+    "tokens/queries_len_mean",
+    "tokens/queries_len_std",
+    "tokens/responses_len_mean",
+    "tokens/responses_len_std",
+    "ppo/loss/policy",
+    "ppo/loss/value",
+    "ppo/loss/total",
+    "ppo/policy/entropy",
+    "ppo/policy/approxkl",
+    "ppo/policy/clipfrac",
+    "ppo/policy/advantages_mean",
+    "ppo/returns/mean",
+    "ppo/returns/var",
+    "ppo/val/error",
+    "ppo/val/clipfrac",
+    "ppo/val/mean",
+    "ppo/val/var_explained",
+    "ppo/learning_rate",
+    "time/ppo/forward_pass",
+    "time/ppo/compute_rewards",
+    "time/ppo/compute_advantages",
+    "time/ppo/optimize_step",
+    "time/ppo/calc_stats",
+    "time/ppo/total",
 ]
-ARRAY_KEYS = ["objective/kl_dist", "objective/logprobs", "objective/ref_logprobs", "tokens/queries_dist",
-              "tokens/responses_dist", "ppo/policy/advantages"]
+ARRAY_KEYS = [
+    "objective/kl_dist",
+    "objective/logprobs",
+    "objective/ref_logprobs",
+    "tokens/queries_dist",
+    "tokens/responses_dist",
+    "ppo/policy/advantages",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +97,20 @@ def test_config_has_trl_legacy_defaults():
 
 
 def test_tutorial_config_maps_to_run_config():
-    c = PPOConfig(model_name="sft_model", learning_rate=1.4e-5, batch_size=256, mini_batch_size=64, ppo_epochs=4,
-                  cliprange=0.2, vf_coef=0.5, init_kl_coef=0.01, target_kl=6.0, adap_kl_ctrl=True,
-                  cliprange_value=0.2, max_grad_norm=1.0)
+    c = PPOConfig(
+        model_name="sft_model",
+        learning_rate=1.4e-5,
+        batch_size=256,
+        mini_batch_size=64,
+        ppo_epochs=4,
+        cliprange=0.2,
+        vf_coef=0.5,
+        init_kl_coef=0.01,
+        target_kl=6.0,
+        adap_kl_ctrl=True,
+        cliprange_value=0.2,
+        max_grad_norm=1.0,
+    )
     run = c.to_run_config()
     p = run.ppo
     assert run.model.policy == "sft_model" and run.seed == 0
@@ -85,9 +125,25 @@ def test_tutorial_config_maps_to_run_config():
 
 
 def test_config_mapping_details():
-    p = PPOConfig(batch_size=16, mini_batch_size=4, gradient_accumulation_steps=2, kl_penalty="mse",
-                  use_score_scaling=True, use_score_norm=True, score_clip=3.0, lam=0.9, target=2.0, target_kl=0.5,
-                  adap_kl_ctrl=False, whiten_rewards=True, cliprange_value=0.1).to_run_config().ppo
+    p = (
+        PPOConfig(
+            batch_size=16,
+            mini_batch_size=4,
+            gradient_accumulation_steps=2,
+            kl_penalty="mse",
+            use_score_scaling=True,
+            use_score_norm=True,
+            score_clip=3.0,
+            lam=0.9,
+            target=2.0,
+            target_kl=0.5,
+            adap_kl_ctrl=False,
+            whiten_rewards=True,
+            cliprange_value=0.1,
+        )
+        .to_run_config()
+        .ppo
+    )
     assert (p.rollout_batch_size, p.mini_batch_size, p.micro_batch_size) == (16, 8, 4)
     assert (p.kl_estimator, p.score_norm, p.score_clip, p.gae_lambda) == ("mse", "norm", 3.0, 0.9)
     assert (p.kl_target, p.adaptive_kl, p.whiten_rewards, p.value_clip_range) == (2.0, False, True, 0.1)
@@ -146,15 +202,16 @@ def test_generate_one_response_per_query_stopping_at_eos(policy_dir, user_tokeni
     trainer = make_trainer(policy_dir, user_tokenizer)
     eos = user_tokenizer.eos_token_id
     head = trainer.model.pretrained_model.get_output_embeddings()
-    hook = head.register_forward_hook(lambda m, i, out: out + 4.0 * torch.nn.functional.one_hot(
-        torch.tensor(eos), out.shape[-1]))  # make EOS likely, so responses end at different lengths
+    hook = head.register_forward_hook(
+        lambda m, i, out: out + 4.0 * torch.nn.functional.one_hot(torch.tensor(eos), out.shape[-1])
+    )  # make EOS likely, so responses end at different lengths
     queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "12+1=", "7*7=", "5-1="])
     full = trainer.generate(queries, max_new_tokens=6, do_sample=True, top_p=0.9, temperature=1.0)
     assert len(full) == len(queries)
     lengths = []
     for q, r in zip(queries, full):
         assert torch.equal(r[: len(q)], q)  # return_prompt=True (TRL's default)
-        gen = r[len(q):]
+        gen = r[len(q) :]
         assert 1 <= len(gen) <= 6
         assert (gen[:-1] != eos).all()  # nothing after the first EOS
         lengths.append(len(gen))
@@ -202,13 +259,14 @@ def test_step_with_zero_lr_leaves_policy_unchanged(policy_dir, user_tokenizer):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "12+1="])
     responses = trainer.generate(queries, max_new_tokens=5)
-    stats = trainer.step(queries, responses, [torch.tensor(1.0), torch.tensor(0.0), torch.tensor(2.0),
-                                              torch.tensor(-1.0)])
+    stats = trainer.step(
+        queries, responses, [torch.tensor(1.0), torch.tensor(0.0), torch.tensor(2.0), torch.tensor(-1.0)]
+    )
     assert stats["ppo/policy/clipfrac"] == 0.0
     assert abs(stats["ppo/policy/approxkl"]) < 1e-6
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     # responses with or without the query give the same iteration (the model did not change)
-    again = trainer.step(queries, [r[len(q):] for q, r in zip(queries, responses)], torch.tensor([1.0, 0, 2, -1]))
+    again = trainer.step(queries, [r[len(q) :] for q, r in zip(queries, responses)], torch.tensor([1.0, 0, 2, -1]))
     for key in ("objective/kl", "objective/entropy", "tokens/responses_len_mean", "ppo/mean_scores"):
         assert again[key] == pytest.approx(stats[key], abs=1e-6), key
 
@@ -236,15 +294,24 @@ def test_step_rejects_bad_inputs(policy_dir, user_tokenizer):
     with pytest.raises(TetherError, match=r"responses\[0\] is empty"):
         trainer.step(queries, [torch.tensor([], dtype=torch.long)] + responses[1:], torch.zeros(4))
     with pytest.raises(TetherError, match="not supported"):
-        PPOTrainer(config=PPOConfig(batch_size=4, mini_batch_size=2), model=trainer.model,
-                   tokenizer=user_tokenizer, optimizer=torch.optim.SGD(trainer.model.parameters(), lr=0.1))
+        PPOTrainer(
+            config=PPOConfig(batch_size=4, mini_batch_size=2),
+            model=trainer.model,
+            tokenizer=user_tokenizer,
+            optimizer=torch.optim.SGD(trainer.model.parameters(), lr=0.1),
+        )
 
 
 def test_dataset_gives_a_dataloader(policy_dir, user_tokenizer):
     model = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
     data = [{"query": f"{i}+1="} for i in range(10)]
-    trainer = PPOTrainer(config=PPOConfig(batch_size=4, mini_batch_size=2), model=model, tokenizer=user_tokenizer,
-                         dataset=data, data_collator=lambda rows: {"query": [r["query"] for r in rows]})
+    trainer = PPOTrainer(
+        config=PPOConfig(batch_size=4, mini_batch_size=2),
+        model=model,
+        tokenizer=user_tokenizer,
+        dataset=data,
+        data_collator=lambda rows: {"query": [r["query"] for r in rows]},
+    )
     batches = list(trainer.dataloader)
     assert len(batches) == 2 and all(len(b["query"]) == 4 for b in batches)
 

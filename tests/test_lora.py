@@ -34,11 +34,27 @@ PROMPTS = ["1+2=", "13+4=", "7+7=", "20+9=", "3+30=", "11+11=", "2+5=", "9+18="]
 def tiny(family: str, vocab_size: int, eos_id: int, width: int = 32):
     common = dict(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id)
     if family == "gpt2":
-        return GPT2Config(n_embd=width, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0, **common)
+        return GPT2Config(
+            n_embd=width,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
     cls = LlamaConfig if family == "llama" else Qwen2Config
-    return cls(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=family == "qwen2", **common)
+    return cls(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=family == "qwen2",
+        **common,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +64,8 @@ def llama_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny("llama", len(tok), tok.eos_token_id, width=64)).save_pretrained(
-        root / "policy")
+        root / "policy"
+    )
     tok.save_pretrained(root / "policy")
     torch.manual_seed(1)
     new_scalar_model(str(root / "policy")).save_pretrained(root / "reward")
@@ -89,13 +106,16 @@ def test_lora_shares_weights_and_reference_stays_base(llama_dirs, tmp_path):
     assert list(reference.parameters()) == []  # nothing of its own: it reads the policy's weights
     lora_bytes = parameter_bytes(trainer.actor_critic, reference)
     # unique storage, counted by hand as well: policy (with adapter) + value head, nothing else
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
-                for p in trainer.actor_critic.parameters()}
+    storages = {
+        p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in trainer.actor_critic.parameters()
+    }
     assert lora_bytes == sum(storages.values())
     assert lora_bytes < 0.6 * full_bytes, (lora_bytes, full_bytes)
     trainable = sum(p.numel() * p.element_size() for p in trainer.actor_critic.parameters() if p.requires_grad)
-    print(f"\nparameter bytes: full policy + deep-copied reference {full_bytes}, LoRA r=8 shared {lora_bytes}; "
-          f"trainable bytes with LoRA {trainable}")
+    print(
+        f"\nparameter bytes: full policy + deep-copied reference {full_bytes}, LoRA r=8 shared {lora_bytes}; "
+        f"trainable bytes with LoRA {trainable}"
+    )
 
     base = load_causal_lm(llama_dirs[0]).eval()
     ref_before, policy_before = logits_of(reference, tok), logits_of(policy, tok)
@@ -157,8 +177,9 @@ def test_lora_on_each_family(family):
     assert logits.shape[:2] == values.shape == (2, ids.shape[1] - 3)
     values.sum().backward()
     assert actor_critic.value_head.weight.grad is not None
-    response, response_mask = generate(policy, ids[:, :3], mask[:, :3], Sampling(max_new_tokens=5),
-                                       tok.eos_token_id, tok.pad_token_id)
+    response, response_mask = generate(
+        policy, ids[:, :3], mask[:, :3], Sampling(max_new_tokens=5), tok.eos_token_id, tok.pad_token_id
+    )
     assert response.shape[0] == 2 and response.shape[1] <= 5 and response_mask.shape == response.shape
 
     merged = export_policy(policy)

@@ -40,8 +40,9 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     """A small BPE tokenizer trained on arithmetic strings: EOS and UNK, and deliberately no pad token."""
     corpus = [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    trainer = trainers.BpeTrainer(vocab_size=48, special_tokens=["<eos>", "<unk>"], show_progress=False,
-                                  initial_alphabet=list("0123456789+="))
+    trainer = trainers.BpeTrainer(
+        vocab_size=48, special_tokens=["<eos>", "<unk>"], show_progress=False, initial_alphabet=list("0123456789+=")
+    )
     backend.train_from_iterator(corpus, trainer)
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
@@ -52,10 +53,18 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 def family_config(family: str, vocab_size: int, eos_id: int):
     common = dict(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id)
     if family == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0, **common)
-    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, **common)
+        return GPT2Config(
+            n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common
+        )
+    llama_like = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **common,
+    )
     if family == "llama":
         return LlamaConfig(tie_word_embeddings=False, **llama_like)
     return Qwen2Config(tie_word_embeddings=True, **llama_like)
@@ -149,8 +158,12 @@ def test_ppo_from_config(family, value_model, tmp_path):
     ac = trainer.actor_critic
     value_module = ac.value_head if value_model == "head" else ac.critic
     assert (ac.critic is None) == (value_model == "head")
-    before = {"policy": snapshot(ac.policy), "value": snapshot(value_module), "ref": snapshot(trainer.reference),
-              "rm": snapshot(trainer.scorer.model)}
+    before = {
+        "policy": snapshot(ac.policy),
+        "value": snapshot(value_module),
+        "ref": snapshot(trainer.reference),
+        "rm": snapshot(trainer.scorer.model),
+    }
     first_stats = []
     micro_step = trainer.micro_step
 
@@ -205,6 +218,15 @@ def test_score_tokens_with_pad_id_past_the_last_embedding_row(tmp_path):
     response_ids = torch.tensor([[5, tok.eos_token_id, tok.pad_token_id], [6, 7, tok.eos_token_id]])
     ids = torch.cat([prompt_ids, response_ids], 1)
     mask = torch.cat([prompt_mask, (response_ids != tok.pad_token_id).long()], 1)
-    out = score_tokens(ActorCritic(policy), reference_copy(policy), ids, mask, prompt_ids.shape[1], response_ids,
-                       1.0, tok.eos_token_id, chunk=2)
+    out = score_tokens(
+        ActorCritic(policy),
+        reference_copy(policy),
+        ids,
+        mask,
+        prompt_ids.shape[1],
+        response_ids,
+        1.0,
+        tok.eos_token_id,
+        chunk=2,
+    )
     assert torch.isfinite(out["logprobs"]).all()

@@ -21,7 +21,7 @@ def test_left_padding_does_not_change_logits(policy_dir, tokenizer):
     seq = torch.cat([ids, tokenizer(["23", "9!"], add_special_tokens=False, return_tensors="pt").input_ids], 1)
     full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], 1)
     padded = response_logits(policy, seq, full_mask, ids.shape[1], 1.0, tokenizer.eos_token_id)
-    alone = seq[0:1, mask[0].argmax():]  # the first row without its padding
+    alone = seq[0:1, mask[0].argmax() :]  # the first row without its padding
     unpadded = response_logits(policy, alone, torch.ones_like(alone), alone.shape[1] - 2, 1.0, tokenizer.eos_token_id)
     torch.testing.assert_close(padded[0:1], unpadded, atol=1e-5, rtol=1e-5)
 

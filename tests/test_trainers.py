@@ -10,17 +10,28 @@ from tether.config import build_config
 from tether.data import write_jsonl
 from tether.trainers.ppo import PPOTrainer
 from tether.trainers.reward import train_reward
-from tether.trainers.sft import sft_loss, train_sft
+from tether.trainers.sft import train_sft
 from tether.tracking import read_metrics
 
 PROMPTS = ["1+1=", "2*3=", "9-4=", "7+7=", "3*3=", "8-1=", "5+4=", "6*2="]
 
 
 def ppo_config(policy_dir, reward_dir, tmp_path, *overrides):
-    return build_config(overrides=[
-        f"model.policy={policy_dir}", f"model.reward_model={reward_dir}", "ppo.steps=2", "ppo.rollout_batch_size=8",
-        "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.lr=1e-3", "sampling.max_new_tokens=8",
-        "logging.print_every=0", f"output_dir={tmp_path}", *overrides])
+    return build_config(
+        overrides=[
+            f"model.policy={policy_dir}",
+            f"model.reward_model={reward_dir}",
+            "ppo.steps=2",
+            "ppo.rollout_batch_size=8",
+            "ppo.mini_batch_size=4",
+            "ppo.ppo_epochs=2",
+            "ppo.lr=1e-3",
+            "sampling.max_new_tokens=8",
+            "logging.print_every=0",
+            f"output_dir={tmp_path}",
+            *overrides,
+        ]
+    )
 
 
 def snapshot(module):
@@ -34,8 +45,15 @@ def changed(before, module):
 def test_ppo_step_trains_policy_and_value_but_not_reference_or_reward(policy_dir, reward_dir, tmp_path):
     torch.manual_seed(0)
     trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path))
-    policy, value, ref, rm = (snapshot(m) for m in (trainer.actor_critic.policy, trainer.actor_critic.value_head,
-                                                    trainer.reference, trainer.scorer.model))
+    policy, value, ref, rm = (
+        snapshot(m)
+        for m in (
+            trainer.actor_critic.policy,
+            trainer.actor_critic.value_head,
+            trainer.reference,
+            trainer.scorer.model,
+        )
+    )
     trainer.train(PROMPTS, tmp_path)
     assert len(changed(policy, trainer.actor_critic.policy)) > 10
     assert changed(value, trainer.actor_critic.value_head) == ["weight", "bias"]
@@ -44,12 +62,17 @@ def test_ppo_step_trains_policy_and_value_but_not_reference_or_reward(policy_dir
 
 
 def test_every_logged_metric_is_documented(policy_dir, reward_dir, tmp_path):
-    trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path, "ppo.adaptive_kl=true",
-                                                "ppo.kl_target=0.01", "ppo.kl_horizon=100"))
+    trainer = PPOTrainer.from_config(
+        ppo_config(
+            policy_dir, reward_dir, tmp_path, "ppo.adaptive_kl=true", "ppo.kl_target=0.01", "ppo.kl_horizon=100"
+        )
+    )
     trainer.train(PROMPTS, tmp_path)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
-    documented = set(re.findall(r"`([a-z_]+/[a-z0-9_]+)`", (Path(__file__).parents[1] / "docs/metrics.md").read_text()))
+    documented = set(
+        re.findall(r"`([a-z_]+/[a-z0-9_]+)`", (Path(__file__).parents[1] / "docs/metrics.md").read_text())
+    )
     missing = [k for k in records[-1] if k != "step" and k not in documented]
     assert not missing, f"undocumented metrics: {missing}"
     # adaptive KL: the first rollout has KL 0 < target, so the coefficient shrinks by (1 - 0.2 * 8 / 100)
@@ -69,8 +92,16 @@ def test_micro_batches_give_the_same_update(policy_dir, reward_dir, tmp_path):
     results = []
     for micro in (4, 1):
         torch.manual_seed(0)
-        trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path / str(micro), "ppo.steps=1",
-                                                    f"ppo.micro_batch_size={micro}", "ppo.max_grad_norm=none"))
+        trainer = PPOTrainer.from_config(
+            ppo_config(
+                policy_dir,
+                reward_dir,
+                tmp_path / str(micro),
+                "ppo.steps=1",
+                f"ppo.micro_batch_size={micro}",
+                "ppo.max_grad_norm=none",
+            )
+        )
         trainer.train(PROMPTS, tmp_path / str(micro))
         results.append(snapshot(trainer.actor_critic))
     for key in results[0]:
@@ -110,9 +141,17 @@ def test_separate_critic_from_the_reward_model(policy_dir, reward_dir, tmp_path)
 def test_sft_learns_and_saves(policy_dir, tmp_path):
     records = [{"prompt": p, "response": "42"} for p in PROMPTS]
     write_jsonl(tmp_path / "sft.jsonl", records)
-    config = build_config(overrides=[f"model.policy={policy_dir}", f"sft.data={tmp_path / 'sft.jsonl'}",
-                                     "sft.steps=40", "sft.batch_size=8", "sft.lr=3e-3", "sft.warmup_steps=5",
-                                     "logging.print_every=0"])
+    config = build_config(
+        overrides=[
+            f"model.policy={policy_dir}",
+            f"sft.data={tmp_path / 'sft.jsonl'}",
+            "sft.steps=40",
+            "sft.batch_size=8",
+            "sft.lr=3e-3",
+            "sft.warmup_steps=5",
+            "logging.print_every=0",
+        ]
+    )
     model_dir = train_sft(config, tmp_path, echo=lambda *a: None)
     losses = [r["sft/loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert losses[-1] < 0.3 * losses[0]
@@ -122,12 +161,23 @@ def test_sft_learns_and_saves(policy_dir, tmp_path):
 
 
 def test_reward_model_learns_separable_pairs(policy_dir, tmp_path):
-    pairs = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": "Hmm, hard to say."}
-             for a in range(8) for b in range(8)]
+    pairs = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": "Hmm, hard to say."}
+        for a in range(8)
+        for b in range(8)
+    ]
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    config = build_config(overrides=[f"model.policy={policy_dir}", f"reward.data={tmp_path / 'pairs.jsonl'}",
-                                     "reward.epochs=3", "reward.batch_size=8", "reward.lr=1e-3",
-                                     "reward.eval_fraction=0.25", "logging.print_every=0"])
+    config = build_config(
+        overrides=[
+            f"model.policy={policy_dir}",
+            f"reward.data={tmp_path / 'pairs.jsonl'}",
+            "reward.epochs=3",
+            "reward.batch_size=8",
+            "reward.lr=1e-3",
+            "reward.eval_fraction=0.25",
+            "logging.print_every=0",
+        ]
+    )
     model_dir, held_out = train_reward(config, tmp_path, echo=lambda *a: None)
     losses = [r["rm/loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "rm/loss" in r]
     assert losses[-1] < losses[0] / 3

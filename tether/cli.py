@@ -50,8 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="RLHF with PPO, tethered to a frozen reference.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SECTIONS:
-        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], add_help=False,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=DESCRIPTIONS[name],
+            description=DESCRIPTIONS[name],
+            add_help=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("-h", "--help", action="store_true", help="list every config field with one line each")
         p.add_argument("--config", help="YAML file of config sections")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as ppo.clip_range=0.1")
@@ -126,8 +131,20 @@ def _ppo(config: RunConfig, run_dir: Path) -> None:
     trainer.train(prompts, run_dir)
     trainer.save(run_dir / "checkpoints")
     path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model")
-    _plot(run_dir, ["reward/score", "kl/ref", "kl/coef", "loss/policy", "loss/value", "ppo/clipfrac",
-                    "ppo/approx_kl", "ppo/explained_variance", "response/length"])
+    _plot(
+        run_dir,
+        [
+            "reward/score",
+            "kl/ref",
+            "kl/coef",
+            "loss/policy",
+            "loss/value",
+            "ppo/clipfrac",
+            "ppo/approx_kl",
+            "ppo/explained_variance",
+            "response/length",
+        ],
+    )
     print(f"model: {path}")
 
 

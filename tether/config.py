@@ -221,12 +221,11 @@ class RunConfig:
                 raise TetherError(f"{name} must be positive, got {value}")
         if ppo.rollout_batch_size % ppo.mini_batch_size:
             raise TetherError(
-                f"ppo.mini_batch_size={ppo.mini_batch_size} must divide ppo.rollout_batch_size={ppo.rollout_batch_size}"
+                f"ppo.mini_batch_size={ppo.mini_batch_size} must divide "
+                f"ppo.rollout_batch_size={ppo.rollout_batch_size}"
             )
         if ppo.mini_batch_size % micro:
-            raise TetherError(
-                f"ppo.micro_batch_size={micro} must divide ppo.mini_batch_size={ppo.mini_batch_size}"
-            )
+            raise TetherError(f"ppo.micro_batch_size={micro} must divide ppo.mini_batch_size={ppo.mini_batch_size}")
         if self.sampling.temperature <= 0:
             raise TetherError(f"sampling.temperature must be > 0, got {self.sampling.temperature}")
         if not 0 < self.sampling.top_p <= 1:

@@ -87,13 +87,16 @@ def read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
 def _dataset_rows(path: Path) -> list[dict]:
     """The rows of a ``save_to_disk`` folder (a Dataset, or a DatasetDict with exactly one split)."""
     if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        raise TetherError(f"{path}: a folder, but not a Hugging Face datasets folder (no dataset_info.json or "
-                          "state.json; write one with Dataset.save_to_disk)")
+        raise TetherError(
+            f"{path}: a folder, but not a Hugging Face datasets folder (no dataset_info.json or "
+            "state.json; write one with Dataset.save_to_disk)"
+        )
     try:
         import datasets
     except ImportError:
-        raise TetherError(f"{path}: reading a datasets folder needs the datasets package "
-                          "(pip install 'tether[data]')") from None
+        raise TetherError(
+            f"{path}: reading a datasets folder needs the datasets package (pip install 'tether[data]')"
+        ) from None
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises several types for broken folders
@@ -101,8 +104,10 @@ def _dataset_rows(path: Path) -> list[dict]:
         raise TetherError(f"{path}: cannot load the dataset ({reason})") from None
     if isinstance(data, datasets.DatasetDict):
         if len(data) != 1:
-            raise TetherError(f"{path}: a DatasetDict with splits {', '.join(data)}; give one split's folder, "
-                              f"e.g. {path / next(iter(data))}")
+            raise TetherError(
+                f"{path}: a DatasetDict with splits {', '.join(data)}; give one split's folder, "
+                f"e.g. {path / next(iter(data))}"
+            )
         data = next(iter(data.values()))
     return data.to_list()
 

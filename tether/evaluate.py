@@ -12,9 +12,20 @@ from tether.models import gather_ids, response_logits
 
 
 @torch.no_grad()
-def evaluate_policy(policy, reference, tokenizer, prompts: list[str], sampling: Sampling, *, scorer=None,
-                    judge=None, samples_per_prompt: int = 1, batch_size: int = 128, max_prompt_length: int = 128,
-                    seed: int = 0) -> dict:
+def evaluate_policy(
+    policy,
+    reference,
+    tokenizer,
+    prompts: list[str],
+    sampling: Sampling,
+    *,
+    scorer=None,
+    judge=None,
+    samples_per_prompt: int = 1,
+    batch_size: int = 128,
+    max_prompt_length: int = 128,
+    seed: int = 0,
+) -> dict:
     """Sample ``samples_per_prompt`` responses per prompt and average the measurements over all of them.
 
     Returns a dict with ``rm_score`` (if ``scorer``), ``gold`` (if ``judge(prompts, responses) -> scores``),

@@ -34,18 +34,43 @@ __all__ = ["PPOConfig", "PPOTrainer", "AutoModelForCausalLMWithValueHead"]
 VALUE_HEAD_FILE = "value_head.safetensors"
 KL_PENALTIES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "mse", "k2": "k2", "k3": "k3"}
 # TRL step() keys that are one of the core's stats (tether key -> TRL key); docs/migration.md has the full table.
-TRL_NAMES = {"kl/ref": "objective/kl", "kl/coef": "objective/kl_coef", "loss/policy": "ppo/loss/policy",
-             "loss/value": "ppo/loss/value", "loss/total": "ppo/loss/total", "ppo/entropy": "ppo/policy/entropy",
-             "ppo/approx_kl": "ppo/policy/approxkl", "ppo/clipfrac": "ppo/policy/clipfrac",
-             "ppo/returns_mean": "ppo/returns/mean", "ppo/value_error": "ppo/val/error",
-             "ppo/value_clipfrac": "ppo/val/clipfrac", "ppo/vpred_mean": "ppo/val/mean", "ppo/lr": "ppo/learning_rate",
-             "time/reward": "time/ppo/compute_rewards", "time/advantage": "time/ppo/compute_advantages",
-             "time/update": "time/ppo/optimize_step"}
+TRL_NAMES = {
+    "kl/ref": "objective/kl",
+    "kl/coef": "objective/kl_coef",
+    "loss/policy": "ppo/loss/policy",
+    "loss/value": "ppo/loss/value",
+    "loss/total": "ppo/loss/total",
+    "ppo/entropy": "ppo/policy/entropy",
+    "ppo/approx_kl": "ppo/policy/approxkl",
+    "ppo/clipfrac": "ppo/policy/clipfrac",
+    "ppo/returns_mean": "ppo/returns/mean",
+    "ppo/value_error": "ppo/val/error",
+    "ppo/value_clipfrac": "ppo/val/clipfrac",
+    "ppo/vpred_mean": "ppo/val/mean",
+    "ppo/lr": "ppo/learning_rate",
+    "time/reward": "time/ppo/compute_rewards",
+    "time/advantage": "time/ppo/compute_advantages",
+    "time/update": "time/ppo/optimize_step",
+}
 # Accepted for compatibility but without effect in tether (a warning names them when given a non-default value).
-NO_EFFECT = ("exp_name", "log_with", "task_name", "query_dataset", "reward_model", "remove_unused_columns",
-             "tracker_kwargs", "accelerator_kwargs", "project_kwargs", "push_to_hub_if_best_kwargs",
-             "tracker_project_name", "optimize_cuda_cache", "optimize_device_cache", "compare_steps",
-             "ratio_threshold", "gradient_checkpointing")
+NO_EFFECT = (
+    "exp_name",
+    "log_with",
+    "task_name",
+    "query_dataset",
+    "reward_model",
+    "remove_unused_columns",
+    "tracker_kwargs",
+    "accelerator_kwargs",
+    "project_kwargs",
+    "push_to_hub_if_best_kwargs",
+    "tracker_project_name",
+    "optimize_cuda_cache",
+    "optimize_device_cache",
+    "compare_steps",
+    "ratio_threshold",
+    "gradient_checkpointing",
+)
 
 
 def _default(f):
@@ -124,8 +149,10 @@ class PPOConfig:
 
     def __post_init__(self):
         if self.kl_penalty not in KL_PENALTIES:
-            raise TetherError(f"PPOConfig: kl_penalty={self.kl_penalty!r} is not supported; use one of "
-                              f"{', '.join(KL_PENALTIES)} ('full' is not available)")
+            raise TetherError(
+                f"PPOConfig: kl_penalty={self.kl_penalty!r} is not supported; use one of "
+                f"{', '.join(KL_PENALTIES)} ('full' is not available)"
+            )
         if self.early_stopping:
             raise TetherError("PPOConfig: early_stopping=True is not supported by tether (see docs/migration.md)")
         if self.forward_batch_size is not None:
@@ -136,10 +163,15 @@ class PPOConfig:
                 raise TetherError(f"PPOConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
         self.backward_batch_size = self.mini_batch_size * self.gradient_accumulation_steps
         self.global_backward_batch_size, self.global_batch_size, self.world_size = (
-            self.backward_batch_size, self.batch_size, 1)
+            self.backward_batch_size,
+            self.batch_size,
+            1,
+        )
         if self.batch_size % self.backward_batch_size:
-            raise TetherError(f"PPOConfig: batch_size={self.batch_size} must be a multiple of mini_batch_size * "
-                              f"gradient_accumulation_steps = {self.backward_batch_size}")
+            raise TetherError(
+                f"PPOConfig: batch_size={self.batch_size} must be a multiple of mini_batch_size * "
+                f"gradient_accumulation_steps = {self.backward_batch_size}"
+            )
         fields_ = {f.name: f for f in fields(self)}
         ignored = [n for n in NO_EFFECT if n != "exp_name" and getattr(self, n) != _default(fields_[n])]
         if ignored:
@@ -162,7 +194,10 @@ class PPOConfig:
         p = run.ppo
         p.steps = math.ceil(self.steps / self.batch_size)
         p.rollout_batch_size, p.mini_batch_size, p.micro_batch_size = (
-            self.batch_size, self.backward_batch_size, self.mini_batch_size)
+            self.batch_size,
+            self.backward_batch_size,
+            self.mini_batch_size,
+        )
         p.ppo_epochs, p.lr, p.lr_schedule, p.adam_eps = self.ppo_epochs, self.learning_rate, "constant", 1e-8
         p.clip_range, p.value_clip_range, p.vf_coef = self.cliprange, self.cliprange_value, self.vf_coef
         p.kl_coef, p.kl_estimator, p.adaptive_kl = self.init_kl_coef, KL_PENALTIES[self.kl_penalty], self.adap_kl_ctrl
@@ -194,8 +229,15 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         self.v_head.to(next(pretrained_model.parameters()).dtype)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, dtype: str = "float32", trust_remote_code: bool = False,
-                        v_head_init_strategy: str | None = None, v_head_initializer_range: float = 0.2):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        v_head_init_strategy: str | None = None,
+        v_head_initializer_range: float = 0.2,
+    ):
         """Load a local model folder (safetensors) or wrap a loaded causal LM; restore ``value_head.safetensors``.
 
         Args:
@@ -219,12 +261,14 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             model.v_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
         return model
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, return_past_key_values=False,
-                **kwargs):
+    def forward(
+        self, input_ids=None, past_key_values=None, attention_mask=None, return_past_key_values=False, **kwargs
+    ):
         """``(lm_logits (B, L, V) float32, loss or None, values (B, L))`` [+ past_key_values]."""
         kwargs["output_hidden_states"] = True
-        out = self.pretrained_model(input_ids=input_ids, past_key_values=past_key_values,
-                                    attention_mask=attention_mask, **kwargs)
+        out = self.pretrained_model(
+            input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+        )
         hidden = out.hidden_states[-1]
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
         result = (out.logits.float(), getattr(out, "loss", None), values)
@@ -267,17 +311,31 @@ class PPOTrainer:
             ``lr_scheduler`` and ``training_data_collator``: anything but None raises TetherError.
     """
 
-    def __init__(self, config: PPOConfig | None = None, model=None, ref_model=None, tokenizer=None, dataset=None,
-                 optimizer=None, data_collator=None, num_shared_layers=None, lr_scheduler=None,
-                 training_data_collator=None):
+    def __init__(
+        self,
+        config: PPOConfig | None = None,
+        model=None,
+        ref_model=None,
+        tokenizer=None,
+        dataset=None,
+        optimizer=None,
+        data_collator=None,
+        num_shared_layers=None,
+        lr_scheduler=None,
+        training_data_collator=None,
+    ):
         if not isinstance(config, PPOConfig):
             raise TetherError("PPOTrainer: config must be a tether PPOConfig")
         if not isinstance(model, AutoModelForCausalLMWithValueHead):
             raise TetherError("PPOTrainer: model must be an AutoModelForCausalLMWithValueHead")
         if tokenizer is None or tokenizer.eos_token_id is None:
             raise TetherError("PPOTrainer: a tokenizer with an eos_token is required")
-        unsupported = {"optimizer": optimizer, "num_shared_layers": num_shared_layers, "lr_scheduler": lr_scheduler,
-                       "training_data_collator": training_data_collator}
+        unsupported = {
+            "optimizer": optimizer,
+            "num_shared_layers": num_shared_layers,
+            "lr_scheduler": lr_scheduler,
+            "training_data_collator": training_data_collator,
+        }
         for name, value in unsupported.items():
             if value is not None:
                 raise TetherError(f"PPOTrainer: {name} is not supported by tether (see docs/migration.md)")
@@ -302,8 +360,9 @@ class PPOTrainer:
         self.device = self.core.device
         self.dataloader = None
         if dataset is not None:
-            self.dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                                                          drop_last=True, collate_fn=data_collator)
+            self.dataloader = torch.utils.data.DataLoader(
+                dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, collate_fn=data_collator
+            )
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -320,8 +379,9 @@ class PPOTrainer:
         """A list of 1-D LongTensors from a list of tensors or a (2-D) padded tensor (the user's padding removed)."""
         if isinstance(tensors, torch.Tensor):
             if tensors.dim() != 2:
-                raise TetherError(f"{what}: expected a list of 1-D tensors or a 2-D tensor, got shape "
-                                  f"{tuple(tensors.shape)}")
+                raise TetherError(
+                    f"{what}: expected a list of 1-D tensors or a 2-D tensor, got shape {tuple(tensors.shape)}"
+                )
             rows = [self._strip(r) if strip_padding else r for r in tensors]
         elif isinstance(tensors, (list, tuple)):
             rows = list(tensors)
@@ -343,7 +403,7 @@ class PPOTrainer:
         if real.numel() == 0:
             return row[:0]
         if getattr(self.tokenizer, "padding_side", "right") == "left":
-            return row[real[0]:]
+            return row[real[0] :]
         return row[: real[-1] + 1]
 
     def _left_pad(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,13 +411,14 @@ class PPOTrainer:
         ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)  # padding: any valid id, masked out
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+            ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
         return ids.to(self.device), mask.to(self.device)
 
     # ---- generation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, query_tensor, length_sampler=None, batch_size: int = 4, return_prompt: bool = True,
-                 **generation_kwargs):
+    def generate(
+        self, query_tensor, length_sampler=None, batch_size: int = 4, return_prompt: bool = True, **generation_kwargs
+    ):
         """Sample one response per query, left-padding internally; each stops after its first EOS (kept).
 
         ``query_tensor`` is a 1-D tensor (returns a (1, L) tensor), or a list of 1-D tensors / a padded 2-D tensor
@@ -373,7 +434,7 @@ class PPOTrainer:
             batch_size = max(batch_size, len(queries))
         out = []
         for start in range(0, len(queries), batch_size):
-            chunk = queries[start:start + batch_size]
+            chunk = queries[start : start + batch_size]
             if length_sampler is not None:
                 sampling.max_new_tokens = int(length_sampler())
             ids, mask = self._left_pad(chunk)
@@ -392,8 +453,10 @@ class PPOTrainer:
         if kw.pop("eos_token_id", self.eos_id) != self.eos_id:
             raise TetherError("generate: eos_token_id must be the tokenizer's eos_token_id")
         if kw:
-            raise TetherError(f"generate: unsupported argument(s) {', '.join(sorted(kw))}; supported: "
-                              "max_new_tokens, do_sample, temperature, top_p, top_k")
+            raise TetherError(
+                f"generate: unsupported argument(s) {', '.join(sorted(kw))}; supported: "
+                "max_new_tokens, do_sample, temperature, top_p, top_k"
+            )
         if not do_sample:
             return Sampling(max_new, 1.0, 1.0, 1)  # greedy: sampling from the top-1 token is argmax
         if temperature <= 0:
@@ -420,7 +483,7 @@ class PPOTrainer:
             if len(items) != n:
                 raise TetherError(f"step: got {len(items)} {what}, expected config.batch_size={n}")
         if all(len(r) > len(q) and torch.equal(r[: len(q)], q) for q, r in zip(queries, responses)):
-            responses = [r[len(q):] for q, r in zip(queries, responses)]
+            responses = [r[len(q) :] for q, r in zip(queries, responses)]
         prompt_ids, prompt_mask = self._left_pad(queries)
         width = max(len(r) for r in responses)
         response_ids = torch.full((n, width), self.eos_id, dtype=torch.long)
@@ -436,29 +499,52 @@ class PPOTrainer:
         ac = self.core.actor_critic
         was_training = ac.training
         ac.eval()
-        out = score_tokens(ac, self.core.reference, torch.cat([prompt_ids, response_ids], 1),
-                           torch.cat([prompt_mask, response_mask], 1), prompt_ids.shape[1], response_ids, 1.0,
-                           self.eos_id, self.core.micro_batch_size)
+        out = score_tokens(
+            ac,
+            self.core.reference,
+            torch.cat([prompt_ids, response_ids], 1),
+            torch.cat([prompt_mask, response_mask], 1),
+            prompt_ids.shape[1],
+            response_ids,
+            1.0,
+            self.eos_id,
+            self.core.micro_batch_size,
+        )
         ac.train(was_training)
         t_forward = time.perf_counter() - t0
         mask = response_mask.float()
         raw = torch.stack(scores).to(self.device)
-        rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                          response_mask=response_mask, logprobs=out["logprobs"] * mask,
-                          ref_logprobs=out["ref_logprobs"] * mask, values=out["values"] * mask, scores=raw.clone(),
-                          raw_scores=raw, ended=ended, entropy=out["entropy"] * mask)
+        rollout = Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            logprobs=out["logprobs"] * mask,
+            ref_logprobs=out["ref_logprobs"] * mask,
+            values=out["values"] * mask,
+            scores=raw.clone(),
+            raw_scores=raw,
+            ended=ended,
+            entropy=out["entropy"] * mask,
+        )
         rollout, core_stats = self.core.step(rollout)
         t1 = time.perf_counter()
         stats = self._legacy_stats(rollout, core_stats)
-        stats.update({"time/ppo/forward_pass": t_forward, "time/ppo/calc_stats": time.perf_counter() - t1,
-                      "time/ppo/total": time.perf_counter() - t0})
+        stats.update(
+            {
+                "time/ppo/forward_pass": t_forward,
+                "time/ppo/calc_stats": time.perf_counter() - t1,
+                "time/ppo/total": time.perf_counter() - t0,
+            }
+        )
         return stats
 
     def _scores(self, scores) -> list[torch.Tensor]:
         if isinstance(scores, torch.Tensor):
             if scores.dim() != 1:
-                raise TetherError(f"step: scores must be a list of scalars or a 1-D tensor, got shape "
-                                  f"{tuple(scores.shape)}")
+                raise TetherError(
+                    f"step: scores must be a list of scalars or a 1-D tensor, got shape {tuple(scores.shape)}"
+                )
             scores = list(scores)
         out = []
         for i, s in enumerate(scores):
@@ -502,8 +588,13 @@ class PPOTrainer:
     def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> dict:
         """Add TRL's ``env/reward_mean``, ``env/reward_std`` and ``env/reward_dist`` to ``stats`` (no tracker)."""
         r = torch.stack([torch.as_tensor(x).float().reshape(()) for x in rewards]).cpu()
-        stats.update({"env/reward_mean": r.mean().item(), "env/reward_std": r.std().item() if len(r) > 1 else 0.0,
-                      "env/reward_dist": r.numpy()})
+        stats.update(
+            {
+                "env/reward_mean": r.mean().item(),
+                "env/reward_std": r.std().item() if len(r) > 1 else 0.0,
+                "env/reward_dist": r.numpy(),
+            }
+        )
         return stats
 
     def save_pretrained(self, save_directory) -> None:

@@ -55,7 +55,11 @@ def tiny_config(vocab_size: int, pad_token_id: int, eos_token_id: int, **overrid
     kwargs = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     kwargs.update(overrides)
     return GPT2Config(
-        vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs
+        vocab_size=vocab_size,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        **kwargs,
     )
 
 
@@ -132,8 +136,7 @@ def new_scalar_model(path: str, dtype: str = "float32", trust_remote_code: bool 
 
     A fresh head is drawn from N(0, 1/sqrt(d_model + 1)) (ppo_details #2).
     """
-    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", dtype, trust_remote_code,
-                             num_labels=1)
+    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", dtype, trust_remote_code, num_labels=1)
     head = model.score
     nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
@@ -264,8 +267,15 @@ def add_lora(policy: nn.Module, r: int, alpha: float = 16.0, dropout: float = 0.
     # GPT-2 style Conv1D layers store their weight transposed; telling peft up front avoids its warning.
     conv_names = [name for name, module in policy.named_modules() if isinstance(module, Conv1D)]
     fan_in_fan_out = bool(conv_names) and (targets is None or any(n.split(".")[-1] in targets for n in conv_names))
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(policy, config)
     except ValueError as e:

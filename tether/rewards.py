@@ -41,7 +41,10 @@ class FunctionScorer:
         self.name = name
 
     def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None) -> torch.Tensor:
-        prompts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(prompt_ids, prompt_mask)]
+        prompts = [
+            tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+            for row, m in zip(prompt_ids, prompt_mask)
+        ]
         responses = decode_responses(tokenizer, response_ids, response_mask)
         scores = self.fn(prompts, responses)
         scores = torch.as_tensor(scores, dtype=torch.float32).flatten()

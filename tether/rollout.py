@@ -61,8 +61,17 @@ def mask_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int):
 
 
 @torch.no_grad()
-def score_tokens(actor_critic: ActorCritic, reference, sequence_ids, attention_mask, prompt_length, response_ids,
-                 temperature: float, fill_id: int, chunk: int):
+def score_tokens(
+    actor_critic: ActorCritic,
+    reference,
+    sequence_ids,
+    attention_mask,
+    prompt_length,
+    response_ids,
+    temperature: float,
+    fill_id: int,
+    chunk: int,
+):
     """Old log-probs, reference log-probs, values and entropy (all (B, T)), computed in chunks of ``chunk`` rows."""
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
     for start in range(0, sequence_ids.shape[0], chunk):
@@ -79,8 +88,9 @@ def score_tokens(actor_critic: ActorCritic, reference, sequence_ids, attention_m
 
 
 @torch.no_grad()
-def collect_rollout(actor_critic, reference, scorer, tokenizer, prompt_ids, prompt_mask, sampling: Sampling,
-                    chunk: int) -> Rollout:
+def collect_rollout(
+    actor_critic, reference, scorer, tokenizer, prompt_ids, prompt_mask, sampling: Sampling, chunk: int
+) -> Rollout:
     """Generate responses and fill a Rollout with old/reference log-probs, values and raw scores."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     response_ids, response_mask = generate(actor_critic.policy, prompt_ids, prompt_mask, sampling, eos_id, pad_id)
@@ -89,8 +99,17 @@ def collect_rollout(actor_critic, reference, scorer, tokenizer, prompt_ids, prom
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     was_training = actor_critic.training
     actor_critic.eval()
-    stats = score_tokens(actor_critic, reference, sequence_ids, attention_mask, prompt_ids.shape[1], response_ids,
-                         sampling.temperature, eos_id, chunk)
+    stats = score_tokens(
+        actor_critic,
+        reference,
+        sequence_ids,
+        attention_mask,
+        prompt_ids.shape[1],
+        response_ids,
+        sampling.temperature,
+        eos_id,
+        chunk,
+    )
     actor_critic.train(was_training)
     mask = response_mask.float()
     raw_scores = scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer).float()

@@ -31,8 +31,18 @@ class MetricLogger:
         config: the run config as a plain dict, recorded with the wandb / trackio run.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, print_every: int = 0, echo=print, *,
-                 wandb: bool = False, trackio: bool = False, project: str = "tether", config: dict | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = False,
+        print_every: int = 0,
+        echo=print,
+        *,
+        wandb: bool = False,
+        trackio: bool = False,
+        project: str = "tether",
+        config: dict | None = None,
+    ):
         # Optional backends are imported before anything is opened, so a missing one fails cleanly.
         backends = [(name, _require(name)) for name, asked in (("wandb", wandb), ("trackio", trackio)) if asked]
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -45,7 +55,9 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise TetherError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)")
+                raise TetherError(
+                    "logging.tensorboard=true needs the tensorboard package (pip install tensorboard)"
+                ) from None
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self._runs = [_start_run(name, module, project, Path(run_dir), config) for name, module in backends]
 
@@ -59,8 +71,16 @@ class MetricLogger:
             echo: where the periodic metrics line is printed.
         """
         lc = config.logging
-        return cls(run_dir, lc.tensorboard, lc.print_every, echo, wandb=lc.wandb, trackio=lc.trackio,
-                   project=lc.project, config=dataclasses.asdict(config))
+        return cls(
+            run_dir,
+            lc.tensorboard,
+            lc.print_every,
+            echo,
+            wandb=lc.wandb,
+            trackio=lc.trackio,
+            project=lc.project,
+            config=dataclasses.asdict(config),
+        )
 
     def log(self, metrics: dict, step: int) -> None:
         clean = {k: _plain(v) for k, v in metrics.items()}

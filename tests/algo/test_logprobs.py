@@ -21,8 +21,9 @@ def test_by_hand():
     # H = -(2 * 1/4 * ln(1/4) + 1/2 * ln(1/2)) = ln 2 + 0.5 ln 2 = 1.5 ln 2
     logits = torch.tensor([[[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]], dtype=torch.float64)
     tokens = torch.tensor([[2, 0]])
-    torch.testing.assert_close(logprobs_from_logits(logits, tokens),
-                               torch.tensor([[math.log(0.5), math.log(0.25)]], dtype=torch.float64))
+    torch.testing.assert_close(
+        logprobs_from_logits(logits, tokens), torch.tensor([[math.log(0.5), math.log(0.25)]], dtype=torch.float64)
+    )
     torch.testing.assert_close(entropy_from_logits(logits), torch.full((1, 2), 1.5 * math.log(2), dtype=torch.float64))
 
 

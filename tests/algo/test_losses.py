@@ -91,16 +91,16 @@ def micro_batch_check(loss_fn, first, *rest, mask):
 def test_policy_micro_batch_invariance():
     new, old, adv, mask = ragged(seed=3)
     new = old + 0.3 * new  # ratios around 1, some clipped
-    stats = micro_batch_check(lambda n, o, a, m, **kw: ppo_policy_loss(n, o, a, m, 0.2, **kw), new, old, adv,
-                              mask=mask)
+    stats = micro_batch_check(
+        lambda n, o, a, m, **kw: ppo_policy_loss(n, o, a, m, 0.2, **kw), new, old, adv, mask=mask
+    )
     assert 0 < stats["clipfrac"].item() < 1
 
 
 def test_value_micro_batch_invariance():
     new, old, ret, mask = ragged(seed=4)
     new = old + 0.3 * new
-    stats = micro_batch_check(lambda n, o, r, m, **kw: ppo_value_loss(n, o, r, m, 0.2, **kw), new, old, ret,
-                              mask=mask)
+    stats = micro_batch_check(lambda n, o, r, m, **kw: ppo_value_loss(n, o, r, m, 0.2, **kw), new, old, ret, mask=mask)
     assert 0 < stats["value_clipfrac"].item() < 1
 
 

@@ -1,11 +1,11 @@
 """`tether demo`: the whole RLHF flow on the embedded arithmetic task, from nothing, on a CPU.
 
-    a. data        synthetic SFT examples in the assistant's habits; train/held-out prompt split
-    b. SFT         a tiny GPT-2 learns the task (and the habits) from scratch
-    c. preferences pairs sampled from the SFT model, labelled by the gold judge with Bradley-Terry noise
-    d. reward      a reward model (SFT trunk + scalar head) learns those preferences
-    e. PPO         the SFT policy is trained against the reward model, tethered to itself as reference
-    f. evaluation  SFT vs PPO on held-out prompts: gold judge, reward model, KL to reference, length
+a. data        synthetic SFT examples in the assistant's habits; train/held-out prompt split
+b. SFT         a tiny GPT-2 learns the task (and the habits) from scratch
+c. preferences pairs sampled from the SFT model, labelled by the gold judge with Bradley-Terry noise
+d. reward      a reward model (SFT trunk + scalar head) learns those preferences
+e. PPO         the SFT policy is trained against the reward model, tethered to itself as reference
+f. evaluation  SFT vs PPO on held-out prompts: gold judge, reward model, KL to reference, length
 """
 
 from __future__ import annotations
@@ -31,9 +31,20 @@ from tether.trainers.ppo import PPOTrainer
 from tether.trainers.reward import pair_scores, split_pairs, train_reward
 from tether.trainers.sft import train_sft
 
-PLOT_KEYS = ["gold/score", "reward/score", "kl/ref", "kl/coef", "loss/policy", "loss/value",
-             "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance", "policy/entropy", "response/length",
-             "ppo/ratio_mean"]
+PLOT_KEYS = [
+    "gold/score",
+    "reward/score",
+    "kl/ref",
+    "kl/coef",
+    "loss/policy",
+    "loss/value",
+    "ppo/clipfrac",
+    "ppo/approx_kl",
+    "ppo/explained_variance",
+    "policy/entropy",
+    "response/length",
+    "ppo/ratio_mean",
+]
 
 
 def demo_config() -> RunConfig:
@@ -42,8 +53,17 @@ def demo_config() -> RunConfig:
     config.sampling = replace(config.sampling, max_new_tokens=24, temperature=0.7)
     config.sft = replace(config.sft, steps=2500, batch_size=32, lr=5e-3, warmup_steps=100)
     config.reward = replace(config.reward, epochs=2, batch_size=32, lr=5e-4)
-    config.ppo = replace(config.ppo, steps=60, rollout_batch_size=64, mini_batch_size=16, ppo_epochs=4, lr=5e-5,
-                         kl_coef=0.1, vf_coef=0.1, lr_schedule="linear")
+    config.ppo = replace(
+        config.ppo,
+        steps=60,
+        rollout_batch_size=64,
+        mini_batch_size=16,
+        ppo_epochs=4,
+        lr=5e-5,
+        kl_coef=0.1,
+        vf_coef=0.1,
+        lr_schedule="linear",
+    )
     config.logging.print_every = 10
     return config
 
@@ -82,17 +102,30 @@ def gold_agreement(model, tokenizer, records: list[dict], config: RunConfig) -> 
 def gold_metrics(trainer: PPOTrainer, rollout) -> dict:
     """Demo-only metric: the gold judge's view of the rollout's responses."""
     tok = trainer.tokenizer
-    prompts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-               for r, m in zip(rollout.prompt_ids, rollout.prompt_mask)]
+    prompts = [
+        tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+        for r, m in zip(rollout.prompt_ids, rollout.prompt_mask)
+    ]
     responses = decode_responses(tok, rollout.response_ids, rollout.response_mask)
-    return {"gold/score": sum(task.gold_reward(prompts, responses)) / len(prompts),
-            "gold/correct": sum(task.is_correct(p, r) for p, r in zip(prompts, responses)) / len(prompts)}
+    return {
+        "gold/score": sum(task.gold_reward(prompts, responses)) / len(prompts),
+        "gold/correct": sum(task.is_correct(p, r) for p, r in zip(prompts, responses)) / len(prompts),
+    }
 
 
 def evaluate(policy, reference, tokenizer, scorer, prompts, config: RunConfig) -> dict:
     sampling = Sampling(config.sampling.max_new_tokens, config.sampling.temperature)
-    result = evaluate_policy(policy, reference, tokenizer, prompts, sampling, scorer=scorer, judge=task.gold_reward,
-                             samples_per_prompt=config.demo.eval_samples, seed=config.seed + 7)
+    result = evaluate_policy(
+        policy,
+        reference,
+        tokenizer,
+        prompts,
+        sampling,
+        scorer=scorer,
+        judge=task.gold_reward,
+        samples_per_prompt=config.demo.eval_samples,
+        seed=config.seed + 7,
+    )
     samples = result.pop("samples")
     result["correct"] = sum(task.is_correct(s["prompt"], s["response"]) for s in samples) / len(samples)
     result["filler"] = sum(task.filler_chars(s["prompt"], s["response"]) for s in samples) / len(samples)
@@ -121,15 +154,17 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     sft_policy = load_causal_lm(str(sft_dir)).to(device)
     # c. preferences
     echo(f"[2/5] preferences: {config.demo.preference_pairs} pairs sampled from the SFT model, gold-labelled")
-    write_jsonl(run_dir / "data" / "preferences.jsonl", preference_records(sft_policy, tokenizer, train_prompts,
-                                                                              config))
+    write_jsonl(
+        run_dir / "data" / "preferences.jsonl", preference_records(sft_policy, tokenizer, train_prompts, config)
+    )
     # d. reward model
     echo("[3/5] reward model")
     config.reward.data, config.reward.init = str(run_dir / "data" / "preferences.jsonl"), str(sft_dir)
     rm_dir, rm_eval = train_reward(config, _stage(run_dir, "reward"), echo)
     reward_model = load_reward_model(str(rm_dir)).to(device).eval()
-    _, held_out = split_pairs(read_jsonl(config.reward.data, ("prompt", "chosen", "rejected")),
-                              config.reward.eval_fraction, config.seed)
+    _, held_out = split_pairs(
+        read_jsonl(config.reward.data, ("prompt", "chosen", "rejected")), config.reward.eval_fraction, config.seed
+    )
     rm_accuracy = gold_agreement(reward_model, tokenizer, held_out, config)
     echo(f"      agreement with the gold judge on held-out pairs: {rm_accuracy:.3f}")
     # e. PPO
@@ -148,8 +183,12 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     ppo_eval = evaluate(trainer.actor_critic.policy, reference, tokenizer, scorer, eval_prompts, config)
     summary = _summary(sft_eval, ppo_eval, rm_accuracy, rm_eval, time.time() - start, config)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_metrics(ppo_dir / "metrics.jsonl", run_dir / "ppo_curves.png", PLOT_KEYS,
-                 title=f"tether demo: PPO on the arithmetic task (seed {config.seed})")
+    plot_metrics(
+        ppo_dir / "metrics.jsonl",
+        run_dir / "ppo_curves.png",
+        PLOT_KEYS,
+        title=f"tether demo: PPO on the arithmetic task (seed {config.seed})",
+    )
     echo(format_table(summary))
     return summary
 
@@ -161,8 +200,12 @@ def _stage(run_dir: Path, name: str) -> Path:
 
 
 def _summary(sft: dict, ppo: dict, rm_accuracy: float, rm_eval: dict, wall: float, config: RunConfig) -> dict:
-    flat = {"rm.accuracy": rm_accuracy, "rm.label_accuracy": rm_eval["accuracy"], "wall_seconds": wall,
-            "seed": config.seed}
+    flat = {
+        "rm.accuracy": rm_accuracy,
+        "rm.label_accuracy": rm_eval["accuracy"],
+        "wall_seconds": wall,
+        "seed": config.seed,
+    }
     for name, result in (("sft", sft), ("ppo", ppo)):
         for key in ("gold", "correct", "filler", "rm_score", "kl", "length", "ended"):
             flat[f"{name}.{key}"] = result[key]
@@ -172,16 +215,20 @@ def _summary(sft: dict, ppo: dict, rm_accuracy: float, rm_eval: dict, wall: floa
 
 def format_table(summary: dict) -> str:
     """The before/after table printed at the end of the demo."""
-    rows = [("gold score (1 = correct, -0.01/filler char)", "gold", "{:+.3f}"),
-            ("correct answers", "correct", "{:.1%}"),
-            ("filler characters", "filler", "{:.1f}"),
-            ("reward-model score", "rm_score", "{:+.3f}"),
-            ("KL to reference (nats/response)", "kl", "{:.3f}"),
-            ("response length (tokens)", "length", "{:.1f}")]
+    rows = [
+        ("gold score (1 = correct, -0.01/filler char)", "gold", "{:+.3f}"),
+        ("correct answers", "correct", "{:.1%}"),
+        ("filler characters", "filler", "{:.1f}"),
+        ("reward-model score", "rm_score", "{:+.3f}"),
+        ("KL to reference (nats/response)", "kl", "{:.3f}"),
+        ("response length (tokens)", "length", "{:.1f}"),
+    ]
     lines = [f"{'held-out prompts':<46}{'SFT':>10}{'PPO':>10}", "-" * 66]
     for label, key, fmt in rows:
         lines.append(f"{label:<46}{fmt.format(summary[f'sft.{key}']):>10}{fmt.format(summary[f'ppo.{key}']):>10}")
     lines.append("-" * 66)
-    lines.append(f"reward model agrees with gold on held-out pairs: {summary['rm.accuracy']:.1%}; "
-                 f"wall time {summary['wall_seconds']:.0f} s")
+    lines.append(
+        f"reward model agrees with gold on held-out pairs: {summary['rm.accuracy']:.1%}; "
+        f"wall time {summary['wall_seconds']:.0f} s"
+    )
     return "\n".join(lines)

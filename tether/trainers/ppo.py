@@ -1,10 +1,10 @@
 """PPO for RLHF: the loop of the tutorial's flow chart, one numbered step per call (docs/algorithm.md).
 
-    1. rollout     sample responses from pi_theta; old log-probs, reference log-probs, values   (tether.rollout)
-    2. reward      score each response; per-token KL penalty to the reference; shaped rewards (tether.algo)
-    3. advantages  GAE on the value baseline, then whitening                                    (tether.algo)
-    4. update      ppo_epochs x minibatches of clipped policy loss + value loss, grad clipping (tether.algo)
-    5. control     adapt the KL coefficient; log metrics; checkpoint
+1. rollout     sample responses from pi_theta; old log-probs, reference log-probs, values   (tether.rollout)
+2. reward      score each response; per-token KL penalty to the reference; shaped rewards (tether.algo)
+3. advantages  GAE on the value baseline, then whitening                                    (tether.algo)
+4. update      ppo_epochs x minibatches of clipped policy loss + value loss, grad clipping (tether.algo)
+5. control     adapt the KL coefficient; log metrics; checkpoint
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ class PPOTrainer:
         else:
             self.kl_ctl = FixedKLController(self.cfg.kl_coef)
         self.moments = RunningMoments()
-        self.sampling = Sampling(config.sampling.max_new_tokens, config.sampling.temperature,
-                                 config.sampling.top_p, config.sampling.top_k)
+        self.sampling = Sampling(
+            config.sampling.max_new_tokens, config.sampling.temperature, config.sampling.top_p, config.sampling.top_k
+        )
         self.micro_batch_size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
         self.updates_per_step = self.cfg.ppo_epochs * (self.cfg.rollout_batch_size // self.cfg.mini_batch_size)
         self.iteration = 0
@@ -88,18 +89,30 @@ class PPOTrainer:
     def rollout(self, prompts: list[str]) -> Rollout:
         """Sample one response per prompt with the current policy (no gradients)."""
         prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, self.config.sampling.max_prompt_length)
-        return collect_rollout(self.actor_critic, self.reference, self.scorer, self.tokenizer,
-                               prompt_ids.to(self.device), prompt_mask.to(self.device), self.sampling,
-                               chunk=self.micro_batch_size)
+        return collect_rollout(
+            self.actor_critic,
+            self.reference,
+            self.scorer,
+            self.tokenizer,
+            prompt_ids.to(self.device),
+            prompt_mask.to(self.device),
+            self.sampling,
+            chunk=self.micro_batch_size,
+        )
 
     # ---- step 2 -----------------------------------------------------------------------------------------------
     def compute_rewards(self, rollout: Rollout) -> Rollout:
         """Scores after penalties/scaling, per-token KL to the reference, and the shaped per-token rewards."""
         mask = rollout.response_mask.float()
         scores = transform_scores(
-            rollout.raw_scores, rollout.ended, mask.sum(-1),
-            missing_eos_penalty=self.cfg.missing_eos_penalty, length_penalty=self.cfg.length_penalty,
-            score_norm=self.cfg.score_norm, score_clip=self.cfg.score_clip, moments=self.moments,
+            rollout.raw_scores,
+            rollout.ended,
+            mask.sum(-1),
+            missing_eos_penalty=self.cfg.missing_eos_penalty,
+            length_penalty=self.cfg.length_penalty,
+            score_norm=self.cfg.score_norm,
+            score_clip=self.cfg.score_clip,
+            moments=self.moments,
         )
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.cfg.kl_estimator) * mask
         rewards, _ = shape_rewards(scores, kl, mask, self.kl_ctl.value)
@@ -127,8 +140,9 @@ class PPOTrainer:
                 num_tokens = mb.response_mask.sum().clamp(min=1).float()
                 self.optimizer.zero_grad(set_to_none=True)
                 for start in range(0, len(mb), self.micro_batch_size):
-                    micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, len(mb)),
-                                                   device=self.device))
+                    micro = mb.select(
+                        torch.arange(start, min(start + self.micro_batch_size, len(mb)), device=self.device)
+                    )
                     stats = self.micro_step(micro, prompt_length, num_tokens)
                     n = micro.response_mask.sum().item()
                     for k, v in stats.items():
@@ -145,14 +159,21 @@ class PPOTrainer:
 
     def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor) -> dict[str, float]:
         """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count."""
-        logits, new_values = self.actor_critic(micro.sequence_ids, micro.attention_mask, prompt_length,
-                                               self.sampling.temperature, self.tokenizer.eos_token_id)
+        logits, new_values = self.actor_critic(
+            micro.sequence_ids,
+            micro.attention_mask,
+            prompt_length,
+            self.sampling.temperature,
+            self.tokenizer.eos_token_id,
+        )
         mask = micro.response_mask.float()
         new_logprobs = logprobs_from_logits(logits, gather_ids(micro.response_ids, mask, self.tokenizer.eos_token_id))
-        pg_loss, pg_stats = ppo_policy_loss(new_logprobs, micro.logprobs, micro.advantages, mask,
-                                            self.cfg.clip_range, loss_denominator=num_tokens)
-        vf_loss, vf_stats = ppo_value_loss(new_values, micro.values, micro.returns, mask,
-                                           self.cfg.value_clip_range, loss_denominator=num_tokens)
+        pg_loss, pg_stats = ppo_policy_loss(
+            new_logprobs, micro.logprobs, micro.advantages, mask, self.cfg.clip_range, loss_denominator=num_tokens
+        )
+        vf_loss, vf_stats = ppo_value_loss(
+            new_values, micro.values, micro.returns, mask, self.cfg.value_clip_range, loss_denominator=num_tokens
+        )
         loss = pg_loss + self.cfg.vf_coef * vf_loss
         loss.backward()
         with torch.no_grad():
@@ -209,7 +230,10 @@ class PPOTrainer:
             t0 = time.perf_counter()
             if len(order) < self.cfg.rollout_batch_size:
                 order += torch.randperm(len(prompts), generator=self.generator).tolist()
-            batch, order = [prompts[i] for i in order[: self.cfg.rollout_batch_size]], order[self.cfg.rollout_batch_size:]
+            batch, order = (
+                [prompts[i] for i in order[: self.cfg.rollout_batch_size]],
+                order[self.cfg.rollout_batch_size :],
+            )
             # 1. rollout: sample responses; old log-probs, reference log-probs, values, raw scores
             rollout = self.rollout(batch)
             t_rollout = time.perf_counter() - t0
@@ -244,8 +268,9 @@ class PPOTrainer:
         if not m.reward_model:
             raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
         if Path(m.reward_model).is_dir():
-            scorer = RewardModelScorer(freeze(load_reward_model(m.reward_model, m.dtype, m.trust_remote_code)),
-                                       tokenizer.eos_token_id)
+            scorer = RewardModelScorer(
+                freeze(load_reward_model(m.reward_model, m.dtype, m.trust_remote_code)), tokenizer.eos_token_id
+            )
         elif ":" in m.reward_model:
             scorer = FunctionScorer(load_reward_function(m.reward_model), m.reward_model)
         else:
@@ -261,9 +286,15 @@ class PPOTrainer:
 
     def save(self, root: Path) -> Path:
         """A full checkpoint of this iteration (policy, value model, optimizer, controller, RNG)."""
-        state = {"iteration": self.iteration, "update_index": self.update_index, "kl_ctl": self.kl_ctl.state_dict(),
-                 "moments": self.moments.state_dict()}
-        return save_checkpoint(step_dir(root, self.iteration), self.actor_critic, self.tokenizer, self.optimizer, state)
+        state = {
+            "iteration": self.iteration,
+            "update_index": self.update_index,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "moments": self.moments.state_dict(),
+        }
+        return save_checkpoint(
+            step_dir(root, self.iteration), self.actor_critic, self.tokenizer, self.optimizer, state
+        )
 
 
 def rollout_stats(rollout: Rollout, kl_coef: float) -> dict[str, float]:

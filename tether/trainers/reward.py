@@ -24,7 +24,9 @@ from tether.tracking import MetricLogger
 def pair_scores(model, tokenizer, records, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen_scores, rejected_scores), each (B,), from one forward pass over both halves."""
     batch = preference_batch(tokenizer, records, max_length)
-    scores = sequence_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device), tokenizer.eos_token_id)
+    scores = sequence_scores(
+        model, batch.input_ids.to(device), batch.attention_mask.to(device), tokenizer.eos_token_id
+    )
     return scores[: batch.num_pairs], scores[batch.num_pairs :]
 
 
@@ -80,13 +82,21 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, di
             optimizer.step()
             bar.update(1)
             if step % 10 == 0:
-                logger.log({"rm/loss": loss.item(), "rm/accuracy": stats["accuracy"].item(),
-                            "rm/margin": stats["margin"].item(), "time/elapsed": time.time() - start}, step)
+                logger.log(
+                    {
+                        "rm/loss": loss.item(),
+                        "rm/accuracy": stats["accuracy"].item(),
+                        "rm/margin": stats["margin"].item(),
+                        "time/elapsed": time.time() - start,
+                    },
+                    step,
+                )
             step += 1
         held = evaluate_pairs(model, tokenizer, held_out, cfg.max_length, device)
         logger.log({f"rm/eval_{k}": v for k, v in held.items()}, step)
     bar.close()
     logger.close()
-    echo(f"reward model: held-out accuracy {held['accuracy']:.3f}, margin {held['margin']:.3f} "
-         f"on {len(held_out)} pairs")
+    echo(
+        f"reward model: held-out accuracy {held['accuracy']:.3f}, margin {held['margin']:.3f} on {len(held_out)} pairs"
+    )
     return save_model(model, tokenizer, run_dir / "model"), held

@@ -55,8 +55,10 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
     start = time.time()
     for step in range(cfg.steps):
         set_lr(optimizer, cfg.lr * lr_factor("cosine", step, cfg.steps, cfg.warmup_steps))
-        batch = [t.to(device) for t in sft_batch(tokenizer, rng.sample(records, min(cfg.batch_size, len(records))),
-                                                 cfg.max_length)]
+        batch = [
+            t.to(device)
+            for t in sft_batch(tokenizer, rng.sample(records, min(cfg.batch_size, len(records))), cfg.max_length)
+        ]
         loss, accuracy = sft_loss(policy, *batch, fill_id=tokenizer.eos_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -64,9 +66,16 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
         optimizer.step()
         bar.update(1)
         if step % 10 == 0 or step == cfg.steps - 1:
-            logger.log({"sft/loss": loss.item(), "sft/token_accuracy": accuracy.item(), "sft/grad_norm":
-                        grad_norm.item(), "sft/lr": optimizer.param_groups[0]["lr"],
-                        "time/elapsed": time.time() - start}, step)
+            logger.log(
+                {
+                    "sft/loss": loss.item(),
+                    "sft/token_accuracy": accuracy.item(),
+                    "sft/grad_norm": grad_norm.item(),
+                    "sft/lr": optimizer.param_groups[0]["lr"],
+                    "time/elapsed": time.time() - start,
+                },
+                step,
+            )
     bar.close()
     logger.close()
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
