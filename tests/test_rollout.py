@@ -74,3 +74,26 @@ def test_function_scorer_sees_decoded_text(tokenizer):
     scores = FunctionScorer(reward_fn)(ids, mask, resp_ids, resp_mask, tokenizer=tokenizer)
     assert seen["pairs"] == [("1+1=", "2"), ("10*10=", "100")]
     assert scores.tolist() == [1.0, 3.0]
+
+
+def test_reward_model_with_its_own_tokenizer_scores_the_text(tokenizer, policy_dir, tmp_path):
+    from transformers import GPT2ForSequenceClassification
+
+    from tether.data import preference_batch
+    from tether.models import char_tokenizer, sequence_scores, tiny_config
+
+    rm_tok = char_tokenizer("=+-*0123456789 abcdefghijklmnopqrstuvwxyz?!.,'ABCDEFGHIJKLMNOPQRSTUVWXYZ|")
+    assert rm_tok.get_vocab() != tokenizer.get_vocab()
+    config = tiny_config(len(rm_tok), rm_tok.pad_token_id, rm_tok.eos_token_id, n_embd=32, n_layer=1, num_labels=1)
+    rm = GPT2ForSequenceClassification(config).eval()
+    scorer = RewardModelScorer(rm, tokenizer.eos_token_id, rm_tok)
+    ids, mask = prompt_batch(tokenizer, ["1+1=", "12*3="], 32)
+    eos = tokenizer.eos_token_id
+    resp = torch.tensor([[tokenizer.convert_tokens_to_ids("2"), eos, 0], [tokenizer.convert_tokens_to_ids("3"),
+                                                                          tokenizer.convert_tokens_to_ids("6"), eos]])
+    resp_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    got = scorer(ids, mask, resp, resp_mask, tokenizer=tokenizer)
+    batch = preference_batch(rm_tok, [{"prompt": "1+1=", "chosen": "2", "rejected": "x"},
+                                      {"prompt": "12*3=", "chosen": "36", "rejected": "x"}], 32)
+    want = sequence_scores(rm, batch.input_ids, batch.attention_mask, rm_tok.eos_token_id)[:2]
+    torch.testing.assert_close(got, want)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tether.config import RunConfig, build_config, help_text
 from tether.errors import TetherError
+from tether.plot import PPO_CURVES, plot_metrics
 
 SECTIONS = {
     "demo": ["model", "sampling", "sft", "reward", "ppo", "logging", "demo"],
@@ -131,26 +132,11 @@ def _ppo(config: RunConfig, run_dir: Path) -> None:
     trainer.train(prompts, run_dir)
     trainer.save(run_dir / "checkpoints")
     path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model")
-    _plot(
-        run_dir,
-        [
-            "reward/score",
-            "kl/ref",
-            "kl/coef",
-            "loss/policy",
-            "loss/value",
-            "ppo/clipfrac",
-            "ppo/approx_kl",
-            "ppo/explained_variance",
-            "response/length",
-        ],
-    )
+    _plot(run_dir, PPO_CURVES)
     print(f"model: {path}")
 
 
 def _plot(run_dir: Path, keys: list[str]) -> None:
-    from tether.plot import plot_metrics
-
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", keys, title=str(run_dir))
 
 
@@ -181,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     except TetherError as e:
         print(f"tether: {e}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # e.g. `tether ppo --help | head`
+        code = 0
     except KeyboardInterrupt:
         print("tether: interrupted", file=sys.stderr)
         code = 130

@@ -415,7 +415,7 @@ def help_text(config: Any, sections: list[str] | None = None) -> str:
             lines.append(f"{f.name}:")
             for sub in dataclasses.fields(value):
                 default = getattr(value, sub.name)
-                lines.append(f"  {f.name}.{sub.name}={default!s:<10} {docs.get(sub.name, '')}")
+                lines.append(f"  {f'{f.name}.{sub.name}={default}':<34} {docs.get(sub.name, '')}")
         else:
-            lines.append(f"{f.name}={value!s:<10} {field_docs(type(config)).get(f.name, '')}")
+            lines.append(f"{f'{f.name}={value}':<36} {field_docs(type(config)).get(f.name, '')}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from tether.algo import masked_mean, masked_var
 from tether.config import RunConfig
 from tether.errors import TetherError
 from tether.models import PAD_TOKEN, ActorCritic, disable_dropout, freeze, load_causal_lm, reference_copy
-from tether.rollout import Sampling, generate, score_tokens
+from tether.rollout import Sampling, build_rollout, generate
 from tether.trainers.ppo import PPOTrainer as CorePPOTrainer
 from tether.types import Rollout
 
@@ -495,38 +495,20 @@ class PPOTrainer:
             if response_masks is not None:
                 response_mask[i, : len(r)] *= torch.as_tensor(response_masks[i]).long().cpu()[: len(r)]
         response_ids, response_mask = response_ids.to(self.device), response_mask.to(self.device)
-        ended = ((response_ids == self.eos_id) & (response_mask == 1)).any(-1)
-        ac = self.core.actor_critic
-        was_training = ac.training
-        ac.eval()
-        out = score_tokens(
-            ac,
+        raw = torch.stack(scores).to(self.device)
+        rollout = build_rollout(
+            self.core.actor_critic,
             self.core.reference,
-            torch.cat([prompt_ids, response_ids], 1),
-            torch.cat([prompt_mask, response_mask], 1),
-            prompt_ids.shape[1],
+            prompt_ids,
+            prompt_mask,
             response_ids,
+            response_mask,
+            raw,
             1.0,
             self.eos_id,
             self.core.micro_batch_size,
         )
-        ac.train(was_training)
         t_forward = time.perf_counter() - t0
-        mask = response_mask.float()
-        raw = torch.stack(scores).to(self.device)
-        rollout = Rollout(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=response_ids,
-            response_mask=response_mask,
-            logprobs=out["logprobs"] * mask,
-            ref_logprobs=out["ref_logprobs"] * mask,
-            values=out["values"] * mask,
-            scores=raw.clone(),
-            raw_scores=raw,
-            ended=ended,
-            entropy=out["entropy"] * mask,
-        )
         rollout, core_stats = self.core.step(rollout)
         t1 = time.perf_counter()
         stats = self._legacy_stats(rollout, core_stats)

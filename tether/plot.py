@@ -11,6 +11,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tether.tracking import read_metrics  # noqa: E402
 
+PPO_CURVES = [
+    "reward/score",
+    "kl/ref",
+    "kl/coef",
+    "loss/policy",
+    "loss/value",
+    "ppo/clipfrac",
+    "ppo/approx_kl",
+    "ppo/explained_variance",
+    "policy/entropy",
+    "response/length",
+    "ppo/ratio_mean",
+]
+"""The panels of a PPO run's curves.png (the demo adds the gold judge's score in front)."""
+
 
 def plot_metrics(metrics_path: str | Path, out_path: str | Path, keys: list[str], title: str = "") -> Path | None:
     """Plot each of ``keys`` against step, one panel each; keys never logged are skipped. Returns the PNG path."""

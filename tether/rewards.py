@@ -19,18 +19,37 @@ from tether.models import sequence_scores
 class RewardModelScorer:
     """Scores (prompt, response) token batches with a frozen sequence-classification reward model.
 
-    The reward model must share the policy's tokenizer; its score is read at the last real token.
+    The score is read at the last real token. With ``rm_tokenizer`` (a reward model whose vocabulary differs from
+    the policy's), prompts and responses are decoded and re-encoded as the reward model was trained to read them:
+    ``rm_tokenizer(prompt) + rm_tokenizer(response) + EOS``; otherwise the policy's token ids are scored directly.
     """
 
-    def __init__(self, model: torch.nn.Module, fill_id: int):
+    def __init__(self, model: torch.nn.Module, fill_id: int, rm_tokenizer=None, max_length: int = 1024):
         self.model = model
         self.fill_id = fill_id
+        self.rm_tokenizer = rm_tokenizer
+        self.max_length = max_length
 
     @torch.no_grad()
     def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None) -> torch.Tensor:
+        if self.rm_tokenizer is not None:
+            return self._score_text(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
         ids = torch.cat([prompt_ids, response_ids], dim=1)
         mask = torch.cat([prompt_mask, response_mask], dim=1)
         return sequence_scores(self.model, ids, mask, self.fill_id)
+
+    def _score_text(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer) -> torch.Tensor:
+        from tether.data import left_pad, sequence_rows
+
+        prompts = [
+            tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(prompt_ids, prompt_mask)
+        ]
+        responses = decode_responses(tokenizer, response_ids, response_mask)
+        rm_tok = self.rm_tokenizer
+        rows = [sequence_rows(rm_tok, p, r, self.max_length)[0] for p, r in zip(prompts, responses)]
+        ids, mask = left_pad(rows, rm_tok.pad_token_id)
+        device = response_ids.device
+        return sequence_scores(self.model, ids.to(device), mask.to(device), rm_tok.eos_token_id)
 
 
 class FunctionScorer:

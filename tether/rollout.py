@@ -94,6 +94,35 @@ def collect_rollout(
     """Generate responses and fill a Rollout with old/reference log-probs, values and raw scores."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     response_ids, response_mask = generate(actor_critic.policy, prompt_ids, prompt_mask, sampling, eos_id, pad_id)
+    raw_scores = scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer).float()
+    return build_rollout(
+        actor_critic,
+        reference,
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        response_mask,
+        raw_scores,
+        sampling.temperature,
+        eos_id,
+        chunk,
+    )
+
+
+@torch.no_grad()
+def build_rollout(
+    actor_critic,
+    reference,
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    raw_scores,
+    temperature: float,
+    eos_id: int,
+    chunk: int,
+) -> Rollout:
+    """A Rollout for given responses and scores: old/reference log-probs, values and entropy, padding zeroed."""
     ended = ((response_ids == eos_id) & (response_mask == 1)).any(-1)
     sequence_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
@@ -106,13 +135,12 @@ def collect_rollout(
         attention_mask,
         prompt_ids.shape[1],
         response_ids,
-        sampling.temperature,
+        temperature,
         eos_id,
         chunk,
     )
     actor_critic.train(was_training)
     mask = response_mask.float()
-    raw_scores = scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer).float()
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

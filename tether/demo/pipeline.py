@@ -23,7 +23,7 @@ from tether.data import prompt_batch, read_jsonl, write_jsonl
 from tether.demo import task
 from tether.evaluate import evaluate_policy
 from tether.models import load_causal_lm, load_reward_model, load_tokenizer, reference_copy, resolve_device
-from tether.plot import plot_metrics
+from tether.plot import PPO_CURVES, plot_metrics
 from tether.rewards import RewardModelScorer, decode_responses
 from tether.rollout import Sampling, generate
 from tether.trainers.common import save_model, seed_everything
@@ -31,20 +31,7 @@ from tether.trainers.ppo import PPOTrainer
 from tether.trainers.reward import pair_scores, split_pairs, train_reward
 from tether.trainers.sft import train_sft
 
-PLOT_KEYS = [
-    "gold/score",
-    "reward/score",
-    "kl/ref",
-    "kl/coef",
-    "loss/policy",
-    "loss/value",
-    "ppo/clipfrac",
-    "ppo/approx_kl",
-    "ppo/explained_variance",
-    "policy/entropy",
-    "response/length",
-    "ppo/ratio_mean",
-]
+PLOT_KEYS = ["gold/score", *PPO_CURVES]
 
 
 def demo_config() -> RunConfig:

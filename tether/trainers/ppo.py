@@ -228,7 +228,7 @@ class PPOTrainer:
         stats = {}
         while self.iteration < self.cfg.steps:
             t0 = time.perf_counter()
-            if len(order) < self.cfg.rollout_batch_size:
+            while len(order) < self.cfg.rollout_batch_size:  # epochs over the prompts, each freshly shuffled
                 order += torch.randperm(len(prompts), generator=self.generator).tolist()
             batch, order = (
                 [prompts[i] for i in order[: self.cfg.rollout_batch_size]],
@@ -268,9 +268,12 @@ class PPOTrainer:
         if not m.reward_model:
             raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
         if Path(m.reward_model).is_dir():
-            scorer = RewardModelScorer(
-                freeze(load_reward_model(m.reward_model, m.dtype, m.trust_remote_code)), tokenizer.eos_token_id
-            )
+            reward_model = freeze(load_reward_model(m.reward_model, m.dtype, m.trust_remote_code))
+            rm_tokenizer = None  # a folder without tokenizer files shares the policy's tokenizer
+            if any((Path(m.reward_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+                rm_tokenizer = load_tokenizer(m.reward_model, m.trust_remote_code)
+                rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
+            scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer)
         elif ":" in m.reward_model:
             scorer = FunctionScorer(load_reward_function(m.reward_model), m.reward_model)
         else:
