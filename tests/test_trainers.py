@@ -183,3 +183,11 @@ def test_reward_model_learns_separable_pairs(policy_dir, tmp_path):
     assert losses[-1] < losses[0] / 3
     assert held_out["accuracy"] == 1.0 and held_out["margin"] > 0.5
     assert AutoConfig.from_pretrained(model_dir).num_labels == 1
+
+
+def test_fewer_prompts_than_a_rollout_batch_cycle_through(policy_dir, reward_dir, tmp_path):
+    trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path, "ppo.steps=1"))
+    seen = []
+    trainer.train(PROMPTS[:3], tmp_path, on_step=lambda t, rollout: seen.append(len(rollout)))
+    assert seen == [8]  # a full rollout batch of 8, drawn from 3 prompts by reshuffled passes
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == 1

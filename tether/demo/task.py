@@ -1,8 +1,10 @@
 """The embedded task: a tiny arithmetic assistant, and a programmatic gold judge standing in for people.
 
 Prompts are single-digit sums, differences and products (``7*8=``). The assistant's habits, which the SFT data
-teaches it, are the tutorial's failure modes in miniature: it often *hedges* ("I guess 54.") and then guesses,
-usually wrongly, and it pads answers with politeness ("Great question! It is 56.").
+teaches it, are the tutorial's failure modes in miniature: 40% of the time it *evades* ("Hmm, hard to say.") instead
+of answering, half of its answers are padded with politeness ("Great question! It is 56."), and 3% of the answers in
+its data are wrong. The SFT data covers every prompt (arithmetic is the assistant's prior knowledge); the held-out
+prompts are never used for preference pairs or PPO, so they test whether the learned *behaviour* transfers.
 
 The gold judge prefers what a person would: the right number, said once, without filler.
 ``gold = 1[correct] - 0.01 * filler characters`` (filler capped at 30), so a gold point is a point of correctness.
