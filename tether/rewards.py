@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from tether.data import left_pad, sequence_rows
 from tether.errors import TetherError
 from tether.models import sequence_scores
 
@@ -39,12 +40,7 @@ class RewardModelScorer:
         return sequence_scores(self.model, ids, mask, self.fill_id)
 
     def _score_text(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer) -> torch.Tensor:
-        from tether.data import left_pad, sequence_rows
-
-        prompts = [
-            tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(prompt_ids, prompt_mask)
-        ]
-        responses = decode_responses(tokenizer, response_ids, response_mask)
+        prompts, responses = decode_texts(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask)
         rm_tok = self.rm_tokenizer
         rows = [sequence_rows(rm_tok, p, r, self.max_length)[0] for p, r in zip(prompts, responses)]
         ids, mask = left_pad(rows, rm_tok.pad_token_id)
@@ -60,11 +56,7 @@ class FunctionScorer:
         self.name = name
 
     def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None) -> torch.Tensor:
-        prompts = [
-            tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
-            for row, m in zip(prompt_ids, prompt_mask)
-        ]
-        responses = decode_responses(tokenizer, response_ids, response_mask)
+        prompts, responses = decode_texts(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask)
         scores = self.fn(prompts, responses)
         scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
         if scores.numel() != len(prompts):
@@ -72,6 +64,14 @@ class FunctionScorer:
         if not torch.isfinite(scores).all():
             raise TetherError(f"{self.name} returned a non-finite score")
         return scores.to(response_ids.device)
+
+
+def decode_texts(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask) -> tuple[list[str], list[str]]:
+    """(prompts, responses) as text: left-padded prompts and right-padded responses, without special tokens."""
+    prompts = [
+        tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(prompt_ids, prompt_mask)
+    ]
+    return prompts, decode_responses(tokenizer, response_ids, response_mask)
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

@@ -24,7 +24,7 @@ from tether.demo import task
 from tether.evaluate import evaluate_policy
 from tether.models import load_causal_lm, load_reward_model, load_tokenizer, reference_copy, resolve_device
 from tether.plot import PPO_CURVES, plot_metrics
-from tether.rewards import RewardModelScorer, decode_responses
+from tether.rewards import RewardModelScorer, decode_responses, decode_texts
 from tether.rollout import Sampling, generate
 from tether.trainers.common import save_model, seed_everything
 from tether.trainers.ppo import PPOTrainer
@@ -88,12 +88,9 @@ def gold_agreement(model, tokenizer, records: list[dict], config: RunConfig) -> 
 
 def gold_metrics(trainer: PPOTrainer, rollout) -> dict:
     """Demo-only metric: the gold judge's view of the rollout's responses."""
-    tok = trainer.tokenizer
-    prompts = [
-        tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-        for r, m in zip(rollout.prompt_ids, rollout.prompt_mask)
-    ]
-    responses = decode_responses(tok, rollout.response_ids, rollout.response_mask)
+    prompts, responses = decode_texts(
+        trainer.tokenizer, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask
+    )
     return {
         "gold/score": sum(task.gold_reward(prompts, responses)) / len(prompts),
         "gold/correct": sum(task.is_correct(p, r) for p, r in zip(prompts, responses)) / len(prompts),
