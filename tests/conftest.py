@@ -16,6 +16,17 @@ transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy machine
 
 
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    ]
+)
+def device(request):
+    """Every device the suite finds: "cpu" always, "cuda" when available (a mismatch then fails a test)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer(ALPHABET)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from tether.config import RunConfig, build_config, field_docs, flat_keys, help_text, PPOParams
@@ -20,7 +22,7 @@ def test_dotted_overrides_are_typed():
             "sampling.top_p=0.9",
         ]
     )
-    assert config.ppo.clip_range == 0.1 and config.ppo.adaptive_kl is True and config.ppo.steps == 7
+    assert config.ppo.clip_range == 0.1 and config.ppo.kl_control == "adaptive" and config.ppo.steps == 7
     assert config.ppo.value_clip_range is None and config.sampling.top_p == 0.9
 
 
@@ -38,11 +40,11 @@ def test_trl_aliases_map_to_canonical_names(tmp_path):
         "  target_kl: 4.0\n  batch_size: 32\n  learning_rate: 1.4e-5\n"
     )
     ppo = build_config(str(path)).ppo
-    assert (ppo.clip_range, ppo.kl_coef, ppo.gae_lambda, ppo.adaptive_kl, ppo.kl_target) == (
+    assert (ppo.clip_range, ppo.kl_coef, ppo.gae_lambda, ppo.kl_control, ppo.kl_target) == (
         0.15,
         0.02,
         0.9,
-        True,
+        "adaptive",
         4.0,
     )
     assert ppo.rollout_batch_size == 32 and ppo.lr == 1.4e-5
@@ -93,3 +95,38 @@ def test_every_field_has_a_docstring_line():
         assert key in text or name in text
     assert "ppo.clip_range=0.2" in text.replace(" ", "")
     assert field_docs(PPOParams)["gae_lambda"] == "GAE lambda."
+
+
+def test_kl_control_choice_and_its_old_switch():
+    assert build_config(overrides=["ppo.kl_control=threshold"]).ppo.kl_control == "threshold"
+    assert build_config(overrides=["ppo.adap_kl_ctrl=false"]).ppo.kl_control == "fixed"
+    assert build_config(overrides=["ppo.adaptive_kl=yes"]).ppo.kl_control == "adaptive"
+
+
+def test_stages_from_yaml_with_the_tutorials_names(tmp_path):
+    path = tmp_path / "staged.yaml"
+    path.write_text(
+        "stages:\n"
+        "  - {name: warmup, steps: 2, lr: 5.0e-7, clip_epsilon: 0.1, init_kl_coef: 0.05, ppo_epochs: 2}\n"
+        "  - {name: main, steps: 3}\n"
+    )
+    config = build_config(str(path))
+    assert config.ppo.steps == 5  # the stages' total
+    assert config.stages[0].overrides == {"lr": 5e-7, "clip_range": 0.1, "kl_coef": 0.05, "ppo_epochs": 2}
+    assert [s.name for s in config.stages] == ["warmup", "main"] and config.stages[1].overrides == {}
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ("{name: a, steps: 2, clip_rnage: 0.1}", "stages[0]: unknown config key 'clip_rnage'"),
+        ("{name: a, steps: 0}", "stages[0].steps must be positive"),
+        ("{name: a, steps: 2, mini_batch_size: 4}", "stages[0].mini_batch_size: fixed for the whole run"),
+        ("{name: a, steps: 2, lr: fast}", "stages[0]: lr: expected a number"),
+    ],
+)
+def test_bad_stages_name_the_stage(tmp_path, stage, message):
+    path = tmp_path / "staged.yaml"
+    path.write_text(f"stages:\n  - {stage}\n")
+    with pytest.raises(TetherError, match=re.escape(message)):
+        build_config(str(path))

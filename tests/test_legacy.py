@@ -73,8 +73,9 @@ def user_tokenizer(policy_dir):
     return tok
 
 
-def make_trainer(policy_dir, tokenizer, **overrides):
+def make_trainer(policy_dir, tokenizer, device="cpu", **overrides):
     kwargs = dict(batch_size=4, mini_batch_size=2, learning_rate=1e-3, init_kl_coef=0.01, seed=0)
+    kwargs["accelerator_kwargs"] = {"cpu": True} if device == "cpu" else {}  # as accelerate: cuda unless cpu=True
     kwargs.update(overrides)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
     ref = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
@@ -117,7 +118,13 @@ def test_tutorial_config_maps_to_run_config():
     assert (p.rollout_batch_size, p.mini_batch_size, p.micro_batch_size, p.ppo_epochs) == (256, 64, 64, 4)
     assert (p.lr, p.lr_schedule, p.adam_eps) == (1.4e-5, "constant", 1e-8)
     assert (p.clip_range, p.value_clip_range, p.vf_coef, p.max_grad_norm) == (0.2, 0.2, 0.5, 1.0)
-    assert (p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon, p.kl_estimator) == (0.01, True, 6.0, 10000.0, "k1")
+    assert (p.kl_coef, p.kl_control, p.kl_target, p.kl_horizon, p.kl_estimator) == (
+        0.01,
+        "adaptive",
+        6.0,
+        10000.0,
+        "k1",
+    )
     assert (p.gamma, p.gae_lambda, p.whiten_advantages, p.whiten_rewards) == (1.0, 0.95, True, False)
     assert (p.score_norm, p.score_clip, p.length_penalty, p.missing_eos_penalty) == ("none", None, 0.0, None)
     assert p.steps == math.ceil(20000 / 256) == 79
@@ -146,7 +153,7 @@ def test_config_mapping_details():
     )
     assert (p.rollout_batch_size, p.mini_batch_size, p.micro_batch_size) == (16, 8, 4)
     assert (p.kl_estimator, p.score_norm, p.score_clip, p.gae_lambda) == ("mse", "norm", 3.0, 0.9)
-    assert (p.kl_target, p.adaptive_kl, p.whiten_rewards, p.value_clip_range) == (2.0, False, True, 0.1)
+    assert (p.kl_target, p.kl_control, p.whiten_rewards, p.value_clip_range) == (2.0, "fixed", True, 0.1)
     assert PPOConfig(use_score_scaling=True, kl_penalty="abs").to_run_config().ppo.score_norm == "scale"
     assert PPOConfig(kl_penalty="abs").to_run_config().ppo.kl_estimator == "abs"
     assert PPOConfig().kl_target == 6.0 and PPOConfig(target_kl=3.0).kl_target == 3.0
@@ -198,12 +205,13 @@ def test_value_head_model_forward_and_round_trip(policy_dir, tmp_path):
 
 
 # ---- PPOTrainer.generate ---------------------------------------------------------------------------------------
-def test_generate_one_response_per_query_stopping_at_eos(policy_dir, user_tokenizer):
-    trainer = make_trainer(policy_dir, user_tokenizer)
+def test_generate_one_response_per_query_stopping_at_eos(policy_dir, user_tokenizer, device):
+    trainer = make_trainer(policy_dir, user_tokenizer, device)
+    assert trainer.device.type == device and trainer.model.v_head.weight.device.type == device
     eos = user_tokenizer.eos_token_id
     head = trainer.model.pretrained_model.get_output_embeddings()
     hook = head.register_forward_hook(
-        lambda m, i, out: out + 4.0 * torch.nn.functional.one_hot(torch.tensor(eos), out.shape[-1])
+        lambda m, i, out: out + 4.0 * torch.nn.functional.one_hot(torch.tensor(eos, device=out.device), out.shape[-1])
     )  # make EOS likely, so responses end at different lengths
     queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "12+1=", "7*7=", "5-1="])
     full = trainer.generate(queries, max_new_tokens=6, do_sample=True, top_p=0.9, temperature=1.0)
@@ -232,8 +240,8 @@ def test_generate_one_response_per_query_stopping_at_eos(policy_dir, user_tokeni
 
 
 # ---- PPOTrainer.step -------------------------------------------------------------------------------------------
-def test_step_returns_legacy_stats_and_updates_model_in_place(policy_dir, user_tokenizer):
-    trainer = make_trainer(policy_dir, user_tokenizer)
+def test_step_returns_legacy_stats_and_updates_model_in_place(policy_dir, user_tokenizer, device):
+    trainer = make_trainer(policy_dir, user_tokenizer, device)
     vocab_before = len(user_tokenizer)
     head_before = trainer.model.v_head.weight.detach().clone()
     queries = user_tokenizer(["1+2=", "3*4=", "9-9=", "12+1="], return_tensors="pt", padding=True).input_ids
@@ -254,8 +262,8 @@ def test_step_returns_legacy_stats_and_updates_model_in_place(policy_dir, user_t
     assert user_tokenizer.pad_token_id == user_tokenizer.eos_token_id and len(user_tokenizer) == vocab_before
 
 
-def test_step_with_zero_lr_leaves_policy_unchanged(policy_dir, user_tokenizer):
-    trainer = make_trainer(policy_dir, user_tokenizer, learning_rate=0.0, ppo_epochs=1)
+def test_step_with_zero_lr_leaves_policy_unchanged(policy_dir, user_tokenizer, device):
+    trainer = make_trainer(policy_dir, user_tokenizer, device, learning_rate=0.0, ppo_epochs=1)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "12+1="])
     responses = trainer.generate(queries, max_new_tokens=5)
@@ -271,8 +279,8 @@ def test_step_with_zero_lr_leaves_policy_unchanged(policy_dir, user_tokenizer):
         assert again[key] == pytest.approx(stats[key], abs=1e-6), key
 
 
-def test_step_masks_after_first_eos(policy_dir, user_tokenizer):
-    trainer = make_trainer(policy_dir, user_tokenizer, learning_rate=0.0)
+def test_step_masks_after_first_eos(policy_dir, user_tokenizer, device):
+    trainer = make_trainer(policy_dir, user_tokenizer, device, learning_rate=0.0)
     eos, a = user_tokenizer.eos_token_id, user_tokenizer.convert_tokens_to_ids("a")
     queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "1+1="])
     responses = [torch.tensor([a, a, eos, a, a]), torch.tensor([a]), torch.tensor([a, eos]), torch.tensor([eos])]

@@ -3,6 +3,7 @@ import torch
 from tether.algo import logprobs_from_logits
 from tether.data import prompt_batch
 from tether.models import ActorCritic, load_causal_lm, load_reward_model, reference_copy, response_logits
+from tether.precision import Placement
 from tether.rewards import FunctionScorer, RewardModelScorer
 from tether.rollout import Sampling, collect_rollout, generate, mask_after_eos
 
@@ -15,24 +16,27 @@ def test_mask_after_eos_keeps_eos_and_pads_the_rest():
     assert out.tolist() == [[5, 6, 1, 0, 0], [5, 5, 5, 5, 5], [1, 0, 0, 0, 0]]
 
 
-def test_left_padding_does_not_change_logits(policy_dir, tokenizer):
-    policy = load_causal_lm(policy_dir)
-    ids, mask = prompt_batch(tokenizer, ["1+1=", "12*34+5="], 32)
-    seq = torch.cat([ids, tokenizer(["23", "9!"], add_special_tokens=False, return_tensors="pt").input_ids], 1)
-    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], 1)
+def test_left_padding_does_not_change_logits(policy_dir, tokenizer, device):
+    placement = Placement(torch.device(device))
+    policy = placement.frozen(load_causal_lm(policy_dir))
+    ids, mask = map(placement.move, prompt_batch(tokenizer, ["1+1=", "12*34+5="], 32))
+    answers = tokenizer(["23", "9!"], add_special_tokens=False, return_tensors="pt").input_ids
+    seq = torch.cat([ids, placement.move(answers)], 1)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :2])], 1)
     padded = response_logits(policy, seq, full_mask, ids.shape[1], 1.0, tokenizer.eos_token_id)
     alone = seq[0:1, mask[0].argmax() :]  # the first row without its padding
     unpadded = response_logits(policy, alone, torch.ones_like(alone), alone.shape[1] - 2, 1.0, tokenizer.eos_token_id)
     torch.testing.assert_close(padded[0:1], unpadded, atol=1e-5, rtol=1e-5)
 
 
-def test_rollout_logprobs_match_the_sampler_and_the_update(policy_dir, reward_dir, tokenizer):
+def test_rollout_logprobs_match_the_sampler_and_the_update(policy_dir, reward_dir, tokenizer, device):
     torch.manual_seed(0)
+    placement = Placement(torch.device(device))
     policy = load_causal_lm(policy_dir)
-    actor_critic = ActorCritic(policy)
-    reference = reference_copy(policy)
-    scorer = RewardModelScorer(load_reward_model(reward_dir).eval(), tokenizer.eos_token_id)
-    ids, mask = prompt_batch(tokenizer, ["1+1=", "2*3=", "9-4=", "7+7="], 32)
+    actor_critic = placement.trained(ActorCritic(policy))
+    reference = placement.frozen(reference_copy(policy))
+    scorer = RewardModelScorer(load_reward_model(reward_dir), tokenizer.eos_token_id, placement=placement)
+    ids, mask = map(placement.move, prompt_batch(tokenizer, ["1+1=", "2*3=", "9-4=", "7+7="], 32))
     rollout = collect_rollout(actor_critic, reference, scorer, tokenizer, ids, mask, Sampling(12, 0.7), chunk=3)
     # policy and reference are identical at the start: KL is exactly zero
     torch.testing.assert_close(rollout.logprobs, rollout.ref_logprobs)
@@ -46,10 +50,11 @@ def test_rollout_logprobs_match_the_sampler_and_the_update(policy_dir, reward_di
     assert rollout.raw_scores.shape == (4,)
 
 
-def test_generate_stops_at_eos_and_respects_max_new_tokens(policy_dir, tokenizer):
+def test_generate_stops_at_eos_and_respects_max_new_tokens(policy_dir, tokenizer, device):
     torch.manual_seed(0)
-    policy = load_causal_lm(policy_dir)
-    ids, mask = prompt_batch(tokenizer, ["1+1="] * 16, 32)
+    placement = Placement(torch.device(device))
+    policy = placement.frozen(load_causal_lm(policy_dir))
+    ids, mask = map(placement.move, prompt_batch(tokenizer, ["1+1="] * 16, 32))
     resp, resp_mask = generate(policy, ids, mask, Sampling(6, 1.0), tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert resp.shape[1] <= 6
     for row, m in zip(resp, resp_mask):
@@ -89,11 +94,18 @@ def test_reward_model_with_its_own_tokenizer_scores_the_text(tokenizer, policy_d
     scorer = RewardModelScorer(rm, tokenizer.eos_token_id, rm_tok)
     ids, mask = prompt_batch(tokenizer, ["1+1=", "12*3="], 32)
     eos = tokenizer.eos_token_id
-    resp = torch.tensor([[tokenizer.convert_tokens_to_ids("2"), eos, 0], [tokenizer.convert_tokens_to_ids("3"),
-                                                                          tokenizer.convert_tokens_to_ids("6"), eos]])
+    resp = torch.tensor(
+        [
+            [tokenizer.convert_tokens_to_ids("2"), eos, 0],
+            [tokenizer.convert_tokens_to_ids("3"), tokenizer.convert_tokens_to_ids("6"), eos],
+        ]
+    )
     resp_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     got = scorer(ids, mask, resp, resp_mask, tokenizer=tokenizer)
-    batch = preference_batch(rm_tok, [{"prompt": "1+1=", "chosen": "2", "rejected": "x"},
-                                      {"prompt": "12*3=", "chosen": "36", "rejected": "x"}], 32)
+    batch = preference_batch(
+        rm_tok,
+        [{"prompt": "1+1=", "chosen": "2", "rejected": "x"}, {"prompt": "12*3=", "chosen": "36", "rejected": "x"}],
+        32,
+    )
     want = sequence_scores(rm, batch.input_ids, batch.attention_mask, rm_tok.eos_token_id)[:2]
     torch.testing.assert_close(got, want)

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("-h", "--help", action="store_true", help="list every config field with one line each")
         p.add_argument("--config", help="YAML file of config sections")
+        if name == "ppo":
+            p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest checkpoint")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as ppo.clip_range=0.1")
     p = sub.add_parser("sample", help=DESCRIPTIONS["sample"], description=DESCRIPTIONS["sample"])
     p.add_argument("model", help="a causal-LM folder (e.g. runs/demo-.../ppo/model)")
@@ -95,9 +97,11 @@ def run(argv: list[str]) -> int:
         print(help_text(_base_config(args.command), SECTIONS[args.command]))
         return 0
     _quiet_transformers()
-    config = build_config(args.config, list(args.overrides) + extra, base=_base_config(args.command))
     from tether.trainers.common import make_run_dir, seed_everything
 
+    if getattr(args, "resume", None):
+        return _resume(args, list(args.overrides) + extra)
+    config = build_config(args.config, list(args.overrides) + extra, base=_base_config(args.command))
     run_dir = make_run_dir(config, args.command)
     seed_everything(config.seed)
     print(f"run folder: {run_dir}")
@@ -122,16 +126,44 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def _ppo(config: RunConfig, run_dir: Path) -> None:
+def _resume(args, overrides: list[str]) -> int:
+    """``tether ppo --resume RUN``: RUN's saved config (plus any overrides), from RUN's newest complete checkpoint."""
+    from tether.checkpoint import clean_partial, list_checkpoints
+    from tether.trainers.common import seed_everything
+
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise TetherError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    if args.config:
+        raise TetherError("--resume takes the run's own config.yaml; give changes as overrides instead of --config")
+    config = build_config(run_dir / "config.yaml", overrides)
+    clean_partial(run_dir / "checkpoints")
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise TetherError(
+            f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; start it again"
+        )
+    seed_everything(config.seed)
+    print(f"run folder: {run_dir} (resuming from {found[-1].name})")
+    _ppo(config, run_dir, resume_from=found[-1])
+    return 0
+
+
+def _ppo(config: RunConfig, run_dir: Path, resume_from: Path | None = None) -> None:
     from tether.data import read_records
     from tether.trainers.common import save_model
     from tether.trainers.ppo import PPOTrainer
+    from tether.tracking import truncate_metrics
 
     prompts = [r["prompt"] for r in read_records(config.ppo.prompts, ("prompt",))]
     trainer = PPOTrainer.from_config(config)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+        truncate_metrics(run_dir / "metrics.jsonl", trainer.iteration)
     trainer.train(prompts, run_dir)
-    trainer.save(run_dir / "checkpoints")
-    path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model")
+    if trainer.saved_at != trainer.iteration:
+        trainer.save(run_dir / "checkpoints")
+    path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model", trainer.placement.dtype)
     _plot(run_dir, PPO_CURVES)
     print(f"model: {path}")
 
@@ -166,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         code = run(sys.argv[1:] if argv is None else argv)
     except TetherError as e:
         print(f"tether: {e}", file=sys.stderr)
-        code = 2
+        code = e.exit_code
     except BrokenPipeError:  # e.g. `tether ppo --help | head`
         code = 0
     except KeyboardInterrupt:

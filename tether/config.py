@@ -26,7 +26,7 @@ from tether.errors import TetherError
 @dataclass
 class ModelConfig:
     policy: str = "tiny"
-    """Policy: a local Hugging Face causal-LM folder, or 'tiny' for a small built-in GPT-2 config."""
+    """Policy: a local Hugging Face causal-LM folder; 'tiny' (a new, untrained GPT-2) is only for tether sft."""
     tokenizer: str = ""
     """Tokenizer folder; empty means the policy folder (or the built-in character tokenizer for 'tiny')."""
     reward_model: str = ""
@@ -40,7 +40,9 @@ class ModelConfig:
     device: str = "auto"
     """Device: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype of the trained models."""
+    """Precision: bfloat16 = bf16 autocast, float32 master weights, bf16 frozen roles and saved models (no float16)."""
+    master_weights: Literal["float32", "dtype"] = "float32"
+    """Trained weights and Adam state: float32, or 'dtype' (model.dtype: less memory; small updates round away)."""
     lora_r: int = 0
     """LoRA rank; 0 = train all weights."""
     lora_alpha: float = 16.0
@@ -103,6 +105,8 @@ class RewardConfig:
     """Prompt + response tokens kept per sequence."""
     center_coef: float = 0.0
     """Weight of mean((r_chosen + r_rejected)^2), which keeps scores centred (0 = off)."""
+    max_length_gap: int | None = None
+    """Length-balanced training: keep pairs with |len(chosen) - len(rejected)| below this many tokens (none = all)."""
 
 
 @dataclass
@@ -132,13 +136,13 @@ class PPOParams:
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss."""
     kl_coef: float = 0.05
-    """KL penalty coefficient beta (the starting value when adaptive_kl is on)."""
+    """KL penalty coefficient beta (the starting value when kl_control is adaptive or threshold)."""
     kl_estimator: Literal["k1", "k2", "k3", "kl", "abs", "mse"] = "k1"
     """Per-token KL estimator in the reward (TRL names: kl = k1, mse = k2, abs = |k1|)."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
+    kl_control: Literal["fixed", "adaptive", "threshold"] = "fixed"
+    """KL coefficient control: fixed, adaptive (Ziegler) or threshold (x1.5 above 1.5 target, x0.75 below 0.5)."""
     kl_target: float = 6.0
-    """Target sequence-level KL to the reference, in nats, for adaptive_kl."""
+    """Target sequence-level KL to the reference, in nats, for the adaptive and threshold controllers."""
     kl_horizon: float = 10000.0
     """Horizon of the adaptive KL controller, in episodes."""
     gamma: float = 1.0
@@ -149,18 +153,30 @@ class PPOParams:
     """Normalise advantages to mean 0, std 1 over the rollout batch's response tokens."""
     whiten_rewards: bool = False
     """Rescale per-token rewards to std 1 (mean kept) before GAE."""
-    score_norm: Literal["none", "scale", "norm"] = "none"
-    """Reward scaling: divide scores by a running std ('scale') or also subtract a running mean ('norm')."""
+    score_norm: Literal["none", "batch", "batch_scale", "scale", "norm"] = "none"
+    """Per batch: 'batch' (the tutorial's normalize_rewards) or 'batch_scale' (mean kept); running: 'scale', 'norm'."""
     score_clip: float | None = None
     """Clip scores to [-score_clip, score_clip] after scaling (none = off)."""
     length_penalty: float = 0.0
     """Length-bias remedy: subtract length_penalty * response tokens from each score."""
+    length_norm: Literal["none", "sqrt"] = "none"
+    """Length-bias remedy: 'sqrt' divides each raw score by sqrt(response tokens), before penalties and scaling."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of a response that never stops (none = off)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm (none = off)."""
     save_every: int = 0
-    """Write a checkpoint every this many iterations (0 = only at the end)."""
+    """Write a full checkpoint every this many iterations (0 = only at the start and the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept: the newest this many plus the newest stable one (0 = keep all)."""
+    kl_stop: float | None = 10.0
+    """KL guard: when KL to the reference exceeds this (nats), restore the last stable checkpoint (none = off)."""
+    kl_stop_action: Literal["stop", "rollback"] = "stop"
+    """After the KL guard restores: stop the run, or continue with the learning rate times kl_stop_lr_factor."""
+    kl_stop_lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each rollback (kl_stop_action=rollback)."""
+    max_bad_steps: int = 3
+    """Non-finite guard: this many skipped (non-finite) optimizer steps in a row trigger the KL guard's restore."""
 
 
 @dataclass
@@ -192,6 +208,19 @@ class DemoConfig:
 
 
 @dataclass
+class Stage:
+    name: str = ""
+    """Stage name, logged as the run goes through it (e.g. warmup, main, fine-tune)."""
+    steps: int = 0
+    """PPO iterations in this stage."""
+    overrides: dict = field(default_factory=dict)
+    """ppo.* fields this stage changes (lr, clip_range, kl_coef, ppo_epochs ...); written flat in YAML."""
+
+
+STAGE_FIXED = ("prompts", "steps", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "kl_control")
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     """Random seed for torch, python and data order."""
@@ -204,10 +233,14 @@ class RunConfig:
     ppo: PPOParams = field(default_factory=PPOParams)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    stages: list[Stage] = field(default_factory=list)
+    """PPO stages run in order, each {name, steps, ppo overrides}; when given, ppo.steps is their total."""
 
     def finalize(self) -> RunConfig:
         """Check the relations between fields; raise TetherError naming the field. Returns self."""
         ppo = self.ppo
+        if self.stages:
+            ppo.steps = sum(stage.steps for stage in self.stages)
         micro = ppo.micro_batch_size or ppo.mini_batch_size
         for name, value in [
             ("ppo.rollout_batch_size", ppo.rollout_batch_size),
@@ -232,6 +265,13 @@ class RunConfig:
             raise TetherError(f"sampling.top_p must be in (0, 1], got {self.sampling.top_p}")
         if not 0 < self.reward.eval_fraction < 1:
             raise TetherError(f"reward.eval_fraction must be in (0, 1), got {self.reward.eval_fraction}")
+        for name, lr in [("sft.lr", self.sft.lr), ("reward.lr", self.reward.lr), ("ppo.lr", ppo.lr)]:
+            if not 0 <= lr < float("inf"):  # 0 is allowed: it freezes the weights (a diagnostic run)
+                raise TetherError(f"{name} must be a learning rate >= 0, got {lr}")
+        if self.reward.max_length_gap is not None and self.reward.max_length_gap <= 0:
+            raise TetherError(f"reward.max_length_gap must be positive (or none), got {self.reward.max_length_gap}")
+        if ppo.score_norm in ("batch", "batch_scale") and ppo.rollout_batch_size < 2:
+            raise TetherError(f"ppo.score_norm={ppo.score_norm} needs ppo.rollout_batch_size >= 2 (a batch std)")
         return self
 
 
@@ -241,6 +281,7 @@ ALIASES: dict[str, str] = {
     "ppo.cliprange_value": "ppo.value_clip_range",
     "ppo.init_kl_coef": "ppo.kl_coef",
     "ppo.adap_kl_ctrl": "ppo.adaptive_kl",
+    "ppo.kl_ctrl": "ppo.kl_control",
     "ppo.target": "ppo.kl_target",
     "ppo.target_kl": "ppo.kl_target",
     "ppo.horizon": "ppo.kl_horizon",
@@ -252,6 +293,10 @@ ALIASES: dict[str, str] = {
     "ppo.beta": "ppo.kl_coef",
     "model.model_name": "model.policy",
 }
+
+
+# Switches that became a choice: ``ppo.adaptive_kl=true`` is ``ppo.kl_control=adaptive`` (false: fixed).
+SWITCH_ALIASES: dict[str, tuple[str, str, str]] = {"ppo.adaptive_kl": ("ppo.kl_control", "adaptive", "fixed")}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -326,6 +371,16 @@ def set_value(config: Any, dotted: str, raw: Any, source: str = "") -> None:
     """Set ``config.<dotted>`` from a raw value, converting and validating it; errors name ``source`` and key."""
     where = f"{source}: " if source else ""
     key = canonical_key(dotted)
+    if key in SWITCH_ALIASES:
+        target_key, on, off = SWITCH_ALIASES[key]
+        try:
+            flag = _parse_scalar(bool, raw, key)
+        except TetherError as e:
+            raise TetherError(f"{where}{e}") from None
+        return set_value(config, target_key, on if flag else off, source)
+    if key == "stages":
+        config.stages = parse_stages(raw, f"{where}stages")
+        return
     *path, name = key.split(".")
     target = config
     for part in path:
@@ -346,6 +401,31 @@ def set_value(config: Any, dotted: str, raw: Any, source: str = "") -> None:
         setattr(target, name, _parse_scalar(tp, raw, key))
     except TetherError as e:
         raise TetherError(f"{where}{e}") from None
+
+
+def parse_stages(raw: Any, where: str) -> list[Stage]:
+    """``stages:`` as written in YAML: a list of {name, steps, <ppo field>: value ...} (or {..., overrides: {...}})."""
+    if not isinstance(raw, list):
+        raise TetherError(f"{where}: expected a list of stages, each with a name, steps and ppo overrides")
+    stages = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise TetherError(f"{at}: expected a mapping with name, steps and ppo overrides")
+        item = dict(item)
+        name = _parse_scalar(str, item.pop("name", f"stage{i + 1}"), f"{at}.name")
+        steps = _parse_scalar(int, item.pop("steps", None), f"{at}.steps")
+        if steps <= 0:
+            raise TetherError(f"{at}.steps must be positive, got {steps}")
+        probe, overrides = PPOParams(), {}
+        for key, value in {**item.pop("overrides", {}), **item}.items():
+            key = canonical_key(f"ppo.{key}").removeprefix("ppo.")  # the tutorial's names (init_kl_coef ...) too
+            if key in STAGE_FIXED:
+                raise TetherError(f"{at}.{key}: fixed for the whole run; a stage cannot change it")
+            set_value(probe, key, value, at)
+            overrides[key] = getattr(probe, key)
+        stages.append(Stage(name, steps, overrides))
+    return stages
 
 
 def _suggest(config: Any, dotted: str) -> str:

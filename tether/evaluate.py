@@ -6,9 +6,10 @@ import torch
 
 from tether.algo import logprobs_from_logits
 from tether.data import prompt_batch
+from tether.models import gather_ids, response_logits
+from tether.precision import Placement
 from tether.rewards import decode_responses
 from tether.rollout import Sampling, generate
-from tether.models import gather_ids, response_logits
 
 
 @torch.no_grad()
@@ -19,6 +20,7 @@ def evaluate_policy(
     prompts: list[str],
     sampling: Sampling,
     *,
+    placement: Placement,
     scorer=None,
     judge=None,
     samples_per_prompt: int = 1,
@@ -31,22 +33,24 @@ def evaluate_policy(
     Returns a dict with ``rm_score`` (if ``scorer``), ``gold`` (if ``judge(prompts, responses) -> scores``),
     ``kl`` (mean over responses of the summed per-token log pi - log pi_ref, at the sampling temperature),
     ``length`` (response tokens including EOS), ``ended`` (fraction that stopped) and the ``samples`` themselves.
+    Prompts go to ``placement``'s device (where the models are) and forward passes run under its autocast.
     """
-    device = next(policy.parameters()).device
     torch.manual_seed(seed)
     texts, rm, gold, kl, lengths, ended = [], [], [], [], [], []
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     for i in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[i : i + batch_size]
-        prompt_ids, prompt_mask = (t.to(device) for t in prompt_batch(tokenizer, chunk, max_prompt_length))
+        prompt_ids, prompt_mask = map(placement.move, prompt_batch(tokenizer, chunk, max_prompt_length))
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        response_ids, response_mask = generate(policy, prompt_ids, prompt_mask, sampling, eos, pad)
+        response_ids, response_mask = generate(policy, prompt_ids, prompt_mask, sampling, eos, pad, placement.autocast)
         ids = torch.cat([prompt_ids, response_ids], 1)
         mask = torch.cat([prompt_mask, response_mask], 1)
         p = prompt_ids.shape[1]
         targets = gather_ids(response_ids, response_mask, eos)
-        logp = logprobs_from_logits(response_logits(policy, ids, mask, p, sampling.temperature, eos), targets)
-        ref = logprobs_from_logits(response_logits(reference, ids, mask, p, sampling.temperature, eos), targets)
+        with placement.autocast():  # float32 logits
+            logits = response_logits(policy, ids, mask, p, sampling.temperature, eos)
+            ref_logits = response_logits(reference, ids, mask, p, sampling.temperature, eos)
+        logp, ref = logprobs_from_logits(logits, targets), logprobs_from_logits(ref_logits, targets)
         kl.append(((logp - ref) * response_mask).sum(-1))
         lengths.append(response_mask.sum(-1).float())
         ended.append(((response_ids == eos) & (response_mask == 1)).any(-1).float())

@@ -61,7 +61,6 @@ NO_EFFECT = (
     "reward_model",
     "remove_unused_columns",
     "tracker_kwargs",
-    "accelerator_kwargs",
     "project_kwargs",
     "push_to_hub_if_best_kwargs",
     "tracker_project_name",
@@ -88,6 +87,8 @@ class PPOConfig:
     Only keyword arguments are accepted; an unknown one raises :class:`UnknownArgumentError` naming it.
     ``target`` is the adaptive-KL target; ``target_kl`` (TRL's early-stopping threshold) sets that target when
     ``target`` keeps its default, as the tutorial uses it. Tracking-only fields (``log_with``, ...) have no effect.
+    Of ``accelerator_kwargs``, accelerate's ``cpu=True`` (run on the CPU) and ``mixed_precision="bf16"`` (tether's
+    ``model.dtype=bfloat16``: bf16 autocast on float32 master weights) are honoured; other keys have no effect.
 
     Attributes:
         TRL v0.11's fields; docs/migration.md gives each one's default and its tether equivalent.
@@ -172,8 +173,16 @@ class PPOConfig:
                 f"PPOConfig: batch_size={self.batch_size} must be a multiple of mini_batch_size * "
                 f"gradient_accumulation_steps = {self.backward_batch_size}"
             )
+        precision = self.accelerator_kwargs.get("mixed_precision") or "no"
+        if precision not in ("no", "bf16"):
+            raise TetherError(
+                f"PPOConfig: accelerator_kwargs mixed_precision={precision!r} is not supported (fp16 needs a gradient "
+                "scaler, which tether does not have); use 'bf16' or 'no'"
+            )
         fields_ = {f.name: f for f in fields(self)}
         ignored = [n for n in NO_EFFECT if n != "exp_name" and getattr(self, n) != _default(fields_[n])]
+        honoured = ("cpu", "mixed_precision")
+        ignored += [f"accelerator_kwargs[{k!r}]" for k in self.accelerator_kwargs if k not in honoured]
         if ignored:
             warnings.warn(f"PPOConfig: {', '.join(ignored)} accepted but has no effect in tether", stacklevel=3)
 
@@ -191,6 +200,8 @@ class PPOConfig:
         """
         run = RunConfig(seed=self.seed)
         run.model.policy = self.model_name
+        run.model.device = "cpu" if self.accelerator_kwargs.get("cpu") else "auto"
+        run.model.dtype = "bfloat16" if self.accelerator_kwargs.get("mixed_precision") == "bf16" else "float32"
         p = run.ppo
         p.steps = math.ceil(self.steps / self.batch_size)
         p.rollout_batch_size, p.mini_batch_size, p.micro_batch_size = (
@@ -200,7 +211,8 @@ class PPOConfig:
         )
         p.ppo_epochs, p.lr, p.lr_schedule, p.adam_eps = self.ppo_epochs, self.learning_rate, "constant", 1e-8
         p.clip_range, p.value_clip_range, p.vf_coef = self.cliprange, self.cliprange_value, self.vf_coef
-        p.kl_coef, p.kl_estimator, p.adaptive_kl = self.init_kl_coef, KL_PENALTIES[self.kl_penalty], self.adap_kl_ctrl
+        p.kl_coef, p.kl_estimator = self.init_kl_coef, KL_PENALTIES[self.kl_penalty]
+        p.kl_control = "adaptive" if self.adap_kl_ctrl else "fixed"
         p.kl_target, p.kl_horizon, p.gamma, p.gae_lambda = self.kl_target, self.horizon, self.gamma, self.lam
         p.whiten_advantages, p.whiten_rewards = True, self.whiten_rewards
         p.score_norm = ("norm" if self.use_score_norm else "scale") if self.use_score_scaling else "none"
@@ -357,7 +369,7 @@ class PPOTrainer:
         actor_critic.value_head = model.v_head  # share the user's head: training updates it in place
         self.run_config = config.to_run_config()
         self.core = CorePPOTrainer(self.run_config, actor_critic, reference, internal, _user_scores_only)
-        self.device = self.core.device
+        self.placement, self.device = self.core.placement, self.core.device  # the core placed the models
         self.dataloader = None
         if dataset is not None:
             self.dataloader = torch.utils.data.DataLoader(
@@ -412,7 +424,7 @@ class PPOTrainer:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-        return ids.to(self.device), mask.to(self.device)
+        return self.placement.move(ids), self.placement.move(mask)
 
     # ---- generation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -438,7 +450,9 @@ class PPOTrainer:
             if length_sampler is not None:
                 sampling.max_new_tokens = int(length_sampler())
             ids, mask = self._left_pad(chunk)
-            resp, resp_mask = generate(self.model.pretrained_model, ids, mask, sampling, self.eos_id, self.pad_id)
+            resp, resp_mask = generate(
+                self.model.pretrained_model, ids, mask, sampling, self.eos_id, self.pad_id, self.placement.autocast
+            )
             for q, r, n in zip(chunk, resp.cpu(), resp_mask.sum(-1).tolist()):
                 out.append(torch.cat([q, r[:n]]) if return_prompt else r[:n])
         return out[0][None] if single else out
@@ -494,8 +508,8 @@ class PPOTrainer:
             response_ids[i, : len(r)], response_mask[i, :length] = r, 1
             if response_masks is not None:
                 response_mask[i, : len(r)] *= torch.as_tensor(response_masks[i]).long().cpu()[: len(r)]
-        response_ids, response_mask = response_ids.to(self.device), response_mask.to(self.device)
-        raw = torch.stack(scores).to(self.device)
+        response_ids, response_mask = self.placement.move(response_ids), self.placement.move(response_mask)
+        raw = self.placement.move(torch.stack(scores))
         rollout = build_rollout(
             self.core.actor_critic,
             self.core.reference,
@@ -507,6 +521,7 @@ class PPOTrainer:
             1.0,
             self.eos_id,
             self.core.micro_batch_size,
+            self.placement.autocast,
         )
         t_forward = time.perf_counter() - t0
         rollout, core_stats = self.core.step(rollout)

@@ -25,15 +25,9 @@ from transformers import (
 )
 
 from tether.errors import TetherError
+from tether.precision import DTYPES, resolve_device  # noqa: F401  (resolve_device: kept importable from here)
 
 PAD_TOKEN = "<|pad|>"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
@@ -86,8 +80,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    return name if isinstance(name, torch.dtype) else DTYPES[name]
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -106,7 +100,9 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _from_pretrained(auto_class, path: str, what: str, dtype: str, trust_remote_code: bool, **kwargs) -> nn.Module:
+def _from_pretrained(
+    auto_class, path: str, what: str, dtype: str | torch.dtype, trust_remote_code: bool, **kwargs
+) -> nn.Module:
     """``auto_class.from_pretrained`` from a local folder, safetensors only, dropout off; errors name ``what``."""
     _check_folder(path, what)
     try:
@@ -118,12 +114,12 @@ def _from_pretrained(auto_class, path: str, what: str, dtype: str, trust_remote_
     return disable_dropout(model)
 
 
-def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
     """Load a local causal-LM folder (safetensors weights) with dropout off."""
     return _from_pretrained(AutoModelForCausalLM, path, "policy", dtype, trust_remote_code)
 
 
-def load_reward_model(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+def load_reward_model(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
     """Load a sequence-classification folder with one output (a reward model)."""
     model = _from_pretrained(AutoModelForSequenceClassification, path, "reward model", dtype, trust_remote_code)
     if model.config.num_labels != 1:
@@ -131,7 +127,7 @@ def load_reward_model(path: str, dtype: str = "float32", trust_remote_code: bool
     return model
 
 
-def new_scalar_model(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+def new_scalar_model(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
     """A sequence-classification model with one output whose trunk is read from ``path`` (RM or critic init).
 
     A fresh head is drawn from N(0, 1/sqrt(d_model + 1)) (ppo_details #2).

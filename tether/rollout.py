@@ -2,11 +2,13 @@
 
 Sampling uses Hugging Face ``generate`` with a KV cache. Log-probs are then recomputed with the same forward pass
 the update uses (temperature-scaled logits), so the first minibatch of the first epoch has ratio exactly 1
-(ppo_details #9, #16).
+(ppo_details #9, #16). The forward passes run in ``autocast()`` (a :meth:`tether.precision.Placement.autocast`: bf16
+autocast for ``model.dtype=bfloat16``); log-probs and entropies are computed from float32 logits outside it.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +30,11 @@ class Sampling:
 
 
 @torch.no_grad()
-def generate(policy, prompt_ids, prompt_mask, sampling: Sampling, eos_id: int, pad_id: int):
+def generate(policy, prompt_ids, prompt_mask, sampling: Sampling, eos_id: int, pad_id: int, autocast=nullcontext):
     """Sample one response per prompt. Returns (response_ids, response_mask), both (B, T), right-padded.
 
-    The response keeps its EOS (and ``response_mask`` covers it); tokens after EOS become ``pad_id``.
+    The response keeps its EOS (and ``response_mask`` covers it); tokens after EOS become ``pad_id``. Sampling runs
+    in the ``autocast()`` context.
     """
     config = GenerationConfig(
         do_sample=True,
@@ -46,7 +49,8 @@ def generate(policy, prompt_ids, prompt_mask, sampling: Sampling, eos_id: int, p
     policy.eval()
     inputs = model_inputs(prompt_ids, prompt_mask, eos_id)
     inputs.pop("position_ids")  # generate derives positions from the attention mask itself (ppo_details #11)
-    out = policy.generate(**inputs, generation_config=config)
+    with autocast():
+        out = policy.generate(**inputs, generation_config=config)
     policy.train(was_training)
     response_ids = out[:, prompt_ids.shape[1] :]
     return mask_after_eos(response_ids, eos_id, pad_id)
@@ -71,6 +75,7 @@ def score_tokens(
     temperature: float,
     fill_id: int,
     chunk: int,
+    autocast=nullcontext,
 ):
     """Old log-probs, reference log-probs, values and entropy (all (B, T)), computed in chunks of ``chunk`` rows."""
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
@@ -78,8 +83,9 @@ def score_tokens(
         rows = slice(start, start + chunk)
         ids, mask = sequence_ids[rows], attention_mask[rows]
         resp = gather_ids(response_ids[rows], mask[:, prompt_length:], fill_id)
-        logits, values = actor_critic(ids, mask, prompt_length, temperature, fill_id)
-        ref_logits = response_logits(reference, ids, mask, prompt_length, temperature, fill_id)
+        with autocast():  # logits and values come out in float32
+            logits, values = actor_critic(ids, mask, prompt_length, temperature, fill_id)
+            ref_logits = response_logits(reference, ids, mask, prompt_length, temperature, fill_id)
         outs["logprobs"].append(logprobs_from_logits(logits, resp))
         outs["entropy"].append(entropy_from_logits(logits))
         outs["values"].append(values)
@@ -89,11 +95,24 @@ def score_tokens(
 
 @torch.no_grad()
 def collect_rollout(
-    actor_critic, reference, scorer, tokenizer, prompt_ids, prompt_mask, sampling: Sampling, chunk: int
+    actor_critic,
+    reference,
+    scorer,
+    tokenizer,
+    prompt_ids,
+    prompt_mask,
+    sampling: Sampling,
+    chunk: int,
+    autocast=nullcontext,
 ) -> Rollout:
-    """Generate responses and fill a Rollout with old/reference log-probs, values and raw scores."""
+    """Generate responses and fill a Rollout with old/reference log-probs, values and raw scores.
+
+    ``autocast`` is the context of the policy's and reference's forward passes; the scorer brings its own.
+    """
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    response_ids, response_mask = generate(actor_critic.policy, prompt_ids, prompt_mask, sampling, eos_id, pad_id)
+    response_ids, response_mask = generate(
+        actor_critic.policy, prompt_ids, prompt_mask, sampling, eos_id, pad_id, autocast
+    )
     raw_scores = scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer).float()
     return build_rollout(
         actor_critic,
@@ -106,6 +125,7 @@ def collect_rollout(
         sampling.temperature,
         eos_id,
         chunk,
+        autocast,
     )
 
 
@@ -121,6 +141,7 @@ def build_rollout(
     temperature: float,
     eos_id: int,
     chunk: int,
+    autocast=nullcontext,
 ) -> Rollout:
     """A Rollout for given responses and scores: old/reference log-probs, values and entropy, padding zeroed."""
     ended = ((response_ids == eos_id) & (response_mask == 1)).any(-1)
@@ -138,6 +159,7 @@ def build_rollout(
         temperature,
         eos_id,
         chunk,
+        autocast,
     )
     actor_critic.train(was_training)
     mask = response_mask.float()

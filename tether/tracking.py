@@ -98,6 +98,12 @@ class MetricLogger:
             shown = [k for k in clean if isinstance(clean[k], float)][:8]
             self.echo(f"step {step}: " + "  ".join(f"{k}={clean[k]:.4g}" for k in shown))
 
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
@@ -125,6 +131,12 @@ class _WandbRun:
     def log(self, metrics: dict, step: int) -> None:
         self._run.log(metrics, step=step)
 
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._run.finish()
 
@@ -136,6 +148,12 @@ class _TrackioRun:
 
     def log(self, metrics: dict, step: int) -> None:
         self._trackio.log(metrics, step=step)
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self._trackio.finish()
@@ -157,3 +175,23 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl file."""
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``last_step`` (what a resumed run continues from), dropping later
+    rows and a torn last line from a killed process; rewritten atomically. Returns the number of rows kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", last_step + 1) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+    return len(kept)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tether.algo import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from tether.algo import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, ThresholdKLController, kl_penalty
 
 
 def random_logprobs(seed=0, shape=(4, 9)):
@@ -167,3 +167,21 @@ def test_adaptive_controller_validates(target, horizon):
     with pytest.raises(ValueError):
         ok.load_state_dict({"value": 0.3, "target": target, "horizon": horizon})
     assert ok.value == 0.1  # a rejected state leaves the controller untouched
+
+
+@pytest.mark.parametrize("kl, factor", [(9.01, 1.5), (9.0, 1.0), (3.0, 1.0), (2.99, 0.75), (0.0, 0.75), (50.0, 1.5)])
+def test_threshold_controller_is_the_tutorials_rule(kl, factor):
+    # target 6: above 1.5 x 6 = 9 beta grows x1.5, below 0.5 x 6 = 3 it shrinks x0.75, in between it stays
+    ctl = ThresholdKLController(0.02, target=6.0)
+    ctl.update(kl, n_steps=256)
+    assert ctl.value == pytest.approx(0.02 * factor)
+
+
+def test_threshold_controller_compounds_and_roundtrips():
+    ctl = ThresholdKLController(0.1, target=1.0)
+    for kl in (2.0, 2.0, 0.1):  # x1.5, x1.5, x0.75
+        ctl.update(kl, 1)
+    assert ctl.value == pytest.approx(0.1 * 1.5 * 1.5 * 0.75)
+    other = ThresholdKLController(9.0, target=5.0)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value and other.target == 1.0

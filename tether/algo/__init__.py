@@ -5,16 +5,24 @@ length; ``response_mask`` is (B, T), 1/True on response tokens (EOS included) an
 """
 
 from tether.algo.advantages import compute_gae
-from tether.algo.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from tether.algo.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    ThresholdKLController,
+    kl_penalty,
+)
 from tether.algo.logprobs import entropy_from_logits, logprobs_from_logits
 from tether.algo.losses import pairwise_reward_loss, ppo_policy_loss, ppo_value_loss
 from tether.algo.masked import exact_div, explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 from tether.algo.rewards import last_token_index, shape_rewards
+from tether.algo.stats import pearson_correlation
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "ThresholdKLController",
     "compute_gae",
     "entropy_from_logits",
     "exact_div",
@@ -27,6 +35,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "pairwise_reward_loss",
+    "pearson_correlation",
     "ppo_policy_loss",
     "ppo_value_loss",
     "shape_rewards",

@@ -152,3 +152,51 @@ class AdaptiveKLController:
         horizon = float(state.get("horizon", self.horizon))
         self._check(target, horizon)
         self.value, self.target, self.horizon = float(state["value"]), target, horizon
+
+
+class ThresholdKLController:
+    """The tutorial's step rule (動態調整 β): a multiplicative nudge when KL leaves a band around ``target``.
+
+    ``value *= up`` when ``current_kl > high * target``; ``value *= down`` when ``current_kl < low * target``;
+    unchanged in between. Defaults are the tutorial's (x1.5 above 1.5 x target, x0.75 below 0.5 x target).
+    Example: target 6, KL 10 > 9 gives ``value *= 1.5``; KL 2 < 3 gives ``value *= 0.75``.
+
+    Args:
+        init_kl_coef: Initial coefficient beta.
+        target: Target KL in nats (sequence-level, as for :class:`AdaptiveKLController`).
+        high, low: Band edges as multiples of ``target``.
+        up, down: Factors applied above the band and below it.
+
+    Raises:
+        ValueError: If ``target`` is not positive.
+    """
+
+    def __init__(
+        self,
+        init_kl_coef: float,
+        target: float,
+        high: float = 1.5,
+        low: float = 0.5,
+        up: float = 1.5,
+        down: float = 0.75,
+    ) -> None:
+        if not target > 0:
+            raise ValueError(f"ThresholdKLController: target must be > 0, got {target}")
+        self.value, self.target = float(init_kl_coef), float(target)
+        self.high, self.low, self.up, self.down = high, low, up, down
+
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> None:
+        """Apply the rule once per PPO iteration (``n_steps`` is ignored: the rule is per iteration)."""
+        kl = float(current_kl)
+        if kl > self.high * self.target:
+            self.value *= self.up
+        elif kl < self.low * self.target:
+            self.value *= self.down
+
+    def state_dict(self) -> dict[str, float]:
+        """``{"value": beta, "target": target}``."""
+        return {"value": self.value, "target": self.target}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the state produced by :meth:`state_dict`."""
+        self.value, self.target = float(state["value"]), float(state.get("target", self.target))

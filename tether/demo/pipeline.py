@@ -22,7 +22,8 @@ from tether.config import RunConfig
 from tether.data import prompt_batch, read_jsonl, write_jsonl
 from tether.demo import task
 from tether.evaluate import evaluate_policy
-from tether.models import load_causal_lm, load_reward_model, load_tokenizer, reference_copy, resolve_device
+from tether.models import load_causal_lm, load_reward_model, load_tokenizer, reference_copy
+from tether.precision import Placement
 from tether.plot import PPO_CURVES, plot_metrics
 from tether.rewards import RewardModelScorer, decode_responses, decode_texts
 from tether.rollout import Sampling, generate
@@ -56,15 +57,16 @@ def demo_config() -> RunConfig:
 
 
 @torch.no_grad()
-def preference_records(policy, tokenizer, prompts: list[str], config: RunConfig) -> list[dict]:
+def preference_records(policy, tokenizer, prompts: list[str], config: RunConfig, placement: Placement) -> list[dict]:
     """Two responses per prompt from the SFT policy, labelled by the noisy gold labeller; identical pairs dropped."""
     rng = random.Random(config.seed + 1)
     sampling = Sampling(config.sampling.max_new_tokens, config.sampling.temperature)
-    records, device = [], next(policy.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    records = []
     while len(records) < config.demo.preference_pairs:
         batch = [rng.choice(prompts) for _ in range(128)]
-        ids, mask = (t.to(device) for t in prompt_batch(tokenizer, batch + batch, config.sampling.max_prompt_length))
-        resp, resp_mask = generate(policy, ids, mask, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        ids, mask = map(placement.move, prompt_batch(tokenizer, batch + batch, config.sampling.max_prompt_length))
+        resp, resp_mask = generate(policy, ids, mask, sampling, eos, pad, placement.autocast)
         texts = decode_responses(tokenizer, resp, resp_mask)
         for prompt, a, b in zip(batch, texts[: len(batch)], texts[len(batch) :]):
             if a != b and len(records) < config.demo.preference_pairs:
@@ -73,14 +75,13 @@ def preference_records(policy, tokenizer, prompts: list[str], config: RunConfig)
 
 
 @torch.no_grad()
-def gold_agreement(model, tokenizer, records: list[dict], config: RunConfig) -> float:
+def gold_agreement(model, tokenizer, records: list[dict], config: RunConfig, placement: Placement) -> float:
     """Fraction of pairs (with different gold scores) that the reward model orders as the gold judge does."""
     pairs = [r for r in records if r["chosen_gold"] != r["rejected_gold"]]
-    device = next(model.parameters()).device
     agree = 0
     for i in range(0, len(pairs), 128):
         chunk = pairs[i : i + 128]
-        chosen, rejected = pair_scores(model, tokenizer, chunk, config.reward.max_length, device)
+        chosen, rejected = pair_scores(model, tokenizer, chunk, config.reward.max_length, placement)
         gold_sign = torch.tensor([1.0 if r["chosen_gold"] > r["rejected_gold"] else -1.0 for r in chunk])
         agree += ((chosen - rejected).sign().cpu() == gold_sign).sum().item()
     return agree / max(len(pairs), 1)
@@ -97,7 +98,7 @@ def gold_metrics(trainer: PPOTrainer, rollout) -> dict:
     }
 
 
-def evaluate(policy, reference, tokenizer, scorer, prompts, config: RunConfig) -> dict:
+def evaluate(policy, reference, tokenizer, scorer, prompts, config: RunConfig, placement: Placement) -> dict:
     sampling = Sampling(config.sampling.max_new_tokens, config.sampling.temperature)
     result = evaluate_policy(
         policy,
@@ -105,6 +106,7 @@ def evaluate(policy, reference, tokenizer, scorer, prompts, config: RunConfig) -
         tokenizer,
         prompts,
         sampling,
+        placement=placement,
         scorer=scorer,
         judge=task.gold_reward,
         samples_per_prompt=config.demo.eval_samples,
@@ -121,6 +123,7 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     """Run stages a-f in ``run_dir`` and return the summary (also written to ``summary.json``)."""
     start = time.time()
     seed_everything(config.seed)
+    placement = Placement.from_config(config.model)
     # The demo's models are tiny: their matmuls run fastest on one thread, and one thread does not stall when the
     # machine is busy (two threads were 40x slower on a loaded 2-core machine). Real models keep torch's default.
     torch.set_num_threads(1)
@@ -133,23 +136,23 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     echo(f"[1/5] SFT: {config.sft.steps} steps on {config.demo.sft_examples} examples")
     config.sft.data = str(run_dir / "data" / "sft.jsonl")
     sft_dir = train_sft(config, _stage(run_dir, "sft"), echo)
-    device = resolve_device(config.model.device)
     tokenizer = load_tokenizer(str(sft_dir))
-    sft_policy = load_causal_lm(str(sft_dir)).to(device)
+    sft_policy = placement.frozen(load_causal_lm(str(sft_dir), placement.frozen_dtype))
     # c. preferences
     echo(f"[2/5] preferences: {config.demo.preference_pairs} pairs sampled from the SFT model, gold-labelled")
     write_jsonl(
-        run_dir / "data" / "preferences.jsonl", preference_records(sft_policy, tokenizer, train_prompts, config)
+        run_dir / "data" / "preferences.jsonl",
+        preference_records(sft_policy, tokenizer, train_prompts, config, placement),
     )
     # d. reward model
     echo("[3/5] reward model")
     config.reward.data, config.reward.init = str(run_dir / "data" / "preferences.jsonl"), str(sft_dir)
     rm_dir, rm_eval = train_reward(config, _stage(run_dir, "reward"), echo)
-    reward_model = load_reward_model(str(rm_dir)).to(device).eval()
+    reward_model = placement.frozen(load_reward_model(str(rm_dir), placement.frozen_dtype))
     _, held_out = split_pairs(
         read_jsonl(config.reward.data, ("prompt", "chosen", "rejected")), config.reward.eval_fraction, config.seed
     )
-    rm_accuracy = gold_agreement(reward_model, tokenizer, held_out, config)
+    rm_accuracy = gold_agreement(reward_model, tokenizer, held_out, config, placement)
     echo(f"      agreement with the gold judge on held-out pairs: {rm_accuracy:.3f}")
     # e. PPO
     echo(f"[4/5] PPO: {config.ppo.steps} iterations of {config.ppo.rollout_batch_size} rollouts")
@@ -158,13 +161,13 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     trainer = PPOTrainer.from_config(config)
     ppo_dir = _stage(run_dir, "ppo")
     trainer.train(train_prompts, ppo_dir, echo, on_step=gold_metrics)
-    save_model(trainer.actor_critic.policy, tokenizer, ppo_dir / "model")
+    save_model(trainer.actor_critic.policy, tokenizer, ppo_dir / "model", placement.dtype)
     # f. evaluation on held-out prompts
     echo(f"[5/5] evaluation on {len(eval_prompts)} held-out prompts x {config.demo.eval_samples} samples")
-    scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id)
+    scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id, placement=placement)
     reference = reference_copy(sft_policy)
-    sft_eval = evaluate(sft_policy, reference, tokenizer, scorer, eval_prompts, config)
-    ppo_eval = evaluate(trainer.actor_critic.policy, reference, tokenizer, scorer, eval_prompts, config)
+    sft_eval = evaluate(sft_policy, reference, tokenizer, scorer, eval_prompts, config, placement)
+    ppo_eval = evaluate(trainer.actor_critic.policy, reference, tokenizer, scorer, eval_prompts, config, placement)
     summary = _summary(sft_eval, ppo_eval, rm_accuracy, rm_eval, time.time() - start, config)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(

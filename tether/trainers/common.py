@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +17,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from tether.config import RunConfig, to_dict
+from tether.errors import TetherError
 from tether.models import export_policy
+from tether.precision import state_dict_in
 
 
 def seed_everything(seed: int) -> None:
@@ -24,7 +30,12 @@ def seed_everything(seed: int) -> None:
 def make_run_dir(config: RunConfig, command: str) -> Path:
     """Create the run folder and write the resolved config into it as ``config.yaml``."""
     run_dir = Path(config.output_dir or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TetherError(f"output_dir '{run_dir}' is an existing file, not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a parent is a file, or no permission
+        raise TetherError(f"output_dir '{run_dir}': cannot create the folder ({e.strerror})") from None
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     return run_dir
 
@@ -46,19 +57,64 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def progress(total: int, desc: str):
+def progress(total: int, desc: str, initial: int = 0):
     """A progress bar on stderr (quiet when stderr is not a terminal, e.g. in CI logs)."""
-    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, initial=initial, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True
+    )
 
 
-def save_model(model, tokenizer, path: Path) -> Path:
-    """save_pretrained (safetensors) of a model and its tokenizer, written atomically."""
+@contextlib.contextmanager
+def stop_requests():
+    """Catch SIGINT and SIGTERM while training: yields a list that receives the signal number, so the loop can finish
+    its iteration and checkpoint. A second signal acts as usual (the handlers are reset after the first)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        received.append(signum)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    """``<run>/summary.json``, written atomically."""
+    path = Path(run_dir) / "summary.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    tmp.replace(path)
+    return path
+
+
+def save_model(model, tokenizer, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """save_pretrained (safetensors) of a model and its tokenizer, written atomically, the weights in ``dtype``.
+
+    Weights in another dtype are cast on the way out (one CPU copy in ``dtype``; the model keeps its own), and
+    config.json records ``dtype``: a bf16 run trained on float32 master weights is saved in bf16.
+    """
     import shutil
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    export_policy(model).save_pretrained(tmp, safe_serialization=True)
+    exported = export_policy(model)
+    state = state_dict_in(exported, dtype)
+    exported.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    if state is not None:  # save_pretrained wrote the model's own dtype into config.json
+        held, exported.config.dtype = exported.config.dtype, str(dtype).removeprefix("torch.")
+        exported.config.save_pretrained(tmp)
+        exported.config.dtype = held
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)

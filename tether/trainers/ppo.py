@@ -4,11 +4,14 @@
 2. reward      score each response; per-token KL penalty to the reference; shaped rewards (tether.algo)
 3. advantages  GAE on the value baseline, then whitening                                    (tether.algo)
 4. update      ppo_epochs x minibatches of clipped policy loss + value loss, grad clipping (tether.algo)
-5. control     adapt the KL coefficient; log metrics; checkpoint
+5. control     adapt the KL coefficient (fixed, adaptive or threshold)                     (tether.algo)
+6. guards      KL limit and non-finite steps restore the last stable checkpoint; log metrics (tether.guards)
+7. checkpoint  every save_every iterations and on SIGINT/SIGTERM; exact resume            (tether.checkpoint)
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -19,6 +22,7 @@ import torch
 from tether.algo import (
     AdaptiveKLController,
     FixedKLController,
+    ThresholdKLController,
     compute_gae,
     entropy_from_logits,
     explained_variance,
@@ -30,25 +34,29 @@ from tether.algo import (
     ppo_value_loss,
     shape_rewards,
 )
-from tether.checkpoint import save_checkpoint, step_dir
-from tether.config import RunConfig
+from tether.checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+    step_dir,
+)
+from tether.config import PPOParams, RunConfig, to_dict
 from tether.data import prompt_batch
-from tether.errors import TetherError
+from tether.errors import Interrupted, TetherError
+from tether.guards import Decision, GuardState, check_bad_steps, check_kl, collapse_stats, sanitize_scores
 from tether.models import (
     ActorCritic,
-    freeze,
     gather_ids,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    new_scalar_model,
-    reference_copy,
-    resolve_device,
 )
-from tether.rewards import FunctionScorer, RewardModelScorer, RunningMoments, load_reward_function, transform_scores
+from tether.precision import Placement
+from tether.rewards import RunningMoments, transform_scores
 from tether.rollout import Sampling, collect_rollout
-from tether.trainers.common import batches, lr_factor, progress, set_lr
-from tether.tracking import MetricLogger
+from tether.roles import load_roles
+from tether.stages import stage_at, total_updates
+from tether.trainers.common import batches, lr_factor, progress, set_lr, stop_requests, write_summary
+from tether.tracking import MetricLogger, read_metrics
 from tether.types import Rollout
 
 
@@ -61,29 +69,42 @@ class PPOTrainer:
         reference: the frozen reference policy.
         tokenizer: the policy's tokenizer (pad distinct from EOS).
         scorer: ``scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=...) -> (B,) scores``.
+        placement: where the models live and in which precision; None builds it from ``config.model``. The
+            actor-critic is placed as trained and the reference as frozen (both in place).
     """
 
-    def __init__(self, config: RunConfig, actor_critic: ActorCritic, reference, tokenizer, scorer):
+    def __init__(
+        self,
+        config: RunConfig,
+        actor_critic: ActorCritic,
+        reference,
+        tokenizer,
+        scorer,
+        placement: Placement | None = None,
+    ):
         self.config, self.cfg = config, config.ppo
-        self.device = resolve_device(config.model.device)
-        self.actor_critic = actor_critic.to(self.device).train()
-        self.reference = reference.to(self.device).eval()
+        self.placement = placement or Placement.from_config(config.model)
+        self.device = self.placement.device
+        self.actor_critic = self.placement.trained(actor_critic, self.cfg.lr).train()
+        self.reference = self.placement.frozen(reference)
         self.tokenizer, self.scorer = tokenizer, scorer
         params = [p for p in actor_critic.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps)
-        if self.cfg.adaptive_kl:
-            self.kl_ctl = AdaptiveKLController(self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
-        else:
-            self.kl_ctl = FixedKLController(self.cfg.kl_coef)
+        self.kl_ctl = kl_controller(self.cfg)
         self.moments = RunningMoments()
         self.sampling = Sampling(
             config.sampling.max_new_tokens, config.sampling.temperature, config.sampling.top_p, config.sampling.top_k
         )
         self.micro_batch_size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
-        self.updates_per_step = self.cfg.ppo_epochs * (self.cfg.rollout_batch_size // self.cfg.mini_batch_size)
         self.iteration = 0
         self.update_index = 0
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.prompt_order: list[int] = []  # the data position: prompt indices still to be drawn this pass
+        self.guards = GuardState()
+        self.stage_index, self.lr_scale = -1, 1.0
+        self.saved_at: int | None = None  # iteration of the checkpoint that holds the current weights, if any
+        self.events: list[dict] = []  # guard actions and interruptions, for summary.json
+        self.stopped = False  # a guard stopped the run
 
     # ---- step 1 -----------------------------------------------------------------------------------------------
     def rollout(self, prompts: list[str]) -> Rollout:
@@ -94,10 +115,11 @@ class PPOTrainer:
             self.reference,
             self.scorer,
             self.tokenizer,
-            prompt_ids.to(self.device),
-            prompt_mask.to(self.device),
+            self.placement.move(prompt_ids),
+            self.placement.move(prompt_mask),
             self.sampling,
             chunk=self.micro_batch_size,
+            autocast=self.placement.autocast,
         )
 
     # ---- step 2 -----------------------------------------------------------------------------------------------
@@ -110,6 +132,7 @@ class PPOTrainer:
             mask.sum(-1),
             missing_eos_penalty=self.cfg.missing_eos_penalty,
             length_penalty=self.cfg.length_penalty,
+            length_norm=self.cfg.length_norm,
             score_norm=self.cfg.score_norm,
             score_clip=self.cfg.score_clip,
             moments=self.moments,
@@ -131,14 +154,19 @@ class PPOTrainer:
 
     # ---- step 4 -----------------------------------------------------------------------------------------------
     def optimize(self, rollout: Rollout) -> dict[str, float]:
-        """ppo_epochs passes over the rollout in random minibatches; one optimizer step per minibatch."""
+        """ppo_epochs passes over the rollout in random minibatches; one optimizer step per minibatch.
+
+        A minibatch whose loss or gradient is not finite is skipped (nothing applied) and counted in
+        ``guard/skipped_steps``; ``ppo.max_bad_steps`` of them in a row trigger the guards' restore.
+        """
         sums, weights = defaultdict(float), defaultdict(float)
-        prompt_length = rollout.prompt_ids.shape[1]
+        prompt_length, skipped = rollout.prompt_ids.shape[1], 0
         for _epoch in range(self.cfg.ppo_epochs):
             for mb_index in batches(len(rollout), self.cfg.mini_batch_size, self.generator):
                 mb = rollout.select(mb_index.to(self.device))
                 num_tokens = mb.response_mask.sum().clamp(min=1).float()
                 self.optimizer.zero_grad(set_to_none=True)
+                mb_sums, mb_weights = defaultdict(float), defaultdict(float)
                 for start in range(0, len(mb), self.micro_batch_size):
                     micro = mb.select(
                         torch.arange(start, min(start + self.micro_batch_size, len(mb)), device=self.device)
@@ -146,26 +174,41 @@ class PPOTrainer:
                     stats = self.micro_step(micro, prompt_length, num_tokens)
                     n = micro.response_mask.sum().item()
                     for k, v in stats.items():
-                        sums[k] += v * n
-                        weights[k] += n
+                        mb_sums[k] += v * n
+                        mb_weights[k] += n
                 grad_norm = self.clip_gradients()
+                lr = (
+                    self.cfg.lr
+                    * self.lr_scale
+                    * lr_factor(self.cfg.lr_schedule, self.update_index, self.total_updates)
+                )
+                self.update_index += 1
+                if not (math.isfinite(mb_sums["loss/total"]) and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)  # skip: nothing of this minibatch is applied
+                    skipped += 1
+                    self.guards.bad_steps += 1
+                    continue
+                self.guards.bad_steps = 0
+                for k in mb_sums:
+                    sums[k] += mb_sums[k]
+                    weights[k] += mb_weights[k]
                 sums["ppo/grad_norm"] += grad_norm
                 weights["ppo/grad_norm"] += 1
-                lr = self.cfg.lr * lr_factor(self.cfg.lr_schedule, self.update_index, self.total_updates)
                 set_lr(self.optimizer, lr)
                 self.optimizer.step()
-                self.update_index += 1
-        return {k: sums[k] / max(weights[k], 1e-12) for k in sums} | {"ppo/lr": lr}
+        stats = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        return stats | {"ppo/lr": lr, "guard/skipped_steps": skipped}
 
     def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor) -> dict[str, float]:
         """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count."""
-        logits, new_values = self.actor_critic(
-            micro.sequence_ids,
-            micro.attention_mask,
-            prompt_length,
-            self.sampling.temperature,
-            self.tokenizer.eos_token_id,
-        )
+        with self.placement.autocast():  # the forward (and so its backward) in bf16; logits and values in float32
+            logits, new_values = self.actor_critic(
+                micro.sequence_ids,
+                micro.attention_mask,
+                prompt_length,
+                self.sampling.temperature,
+                self.tokenizer.eos_token_id,
+            )
         mask = micro.response_mask.float()
         new_logprobs = logprobs_from_logits(logits, gather_ids(micro.response_ids, mask, self.tokenizer.eos_token_id))
         pg_loss, pg_stats = ppo_policy_loss(
@@ -196,15 +239,16 @@ class PPOTrainer:
 
     @property
     def total_updates(self) -> int:
-        return self.cfg.steps * self.updates_per_step
+        return total_updates(self.config.ppo, self.config.stages)
 
     # ---- steps 2-5 on a given rollout ---------------------------------------------------------------------------
     def step(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
         """One PPO iteration on a collected rollout: steps 2 to 5. Returns the completed rollout and its stats."""
         timings = {}
         t = time.perf_counter()
-        # 2. reward: score, per-token KL penalty to the reference, shaped rewards
-        rollout = self.compute_rewards(rollout)
+        # 2. reward: score (non-finite ones replaced), per-token KL penalty to the reference, shaped rewards
+        raw_scores, nonfinite = sanitize_scores(rollout.raw_scores)
+        rollout = self.compute_rewards(replace(rollout, raw_scores=raw_scores))
         timings["time/reward"] = time.perf_counter() - t
         # 3. advantages: GAE with the value baseline
         t = time.perf_counter()
@@ -216,88 +260,167 @@ class PPOTrainer:
         timings["time/update"] = time.perf_counter() - t
         # 5. control: adapt the KL coefficient to the rollout's KL (after the update, as in Ziegler et al.)
         stats = {**rollout_stats(rollout, self.kl_ctl.value), **update_stats, **timings}
+        stats |= collapse_stats(self.guards, rollout, stats["reward/score"], stats["policy/entropy"])
+        stats["guard/nonfinite_scores"] = nonfinite
         self.kl_ctl.update(stats["kl/ref"], len(rollout))
         self.iteration += 1
         return rollout, stats
 
     def train(self, prompts: list[str], run_dir: Path, echo=print, on_step=None) -> dict[str, float]:
-        """Run ``config.ppo.steps`` iterations over ``prompts``; metrics to ``run_dir``; returns the last stats."""
+        """Run the configured iterations (those left, after a resume) over ``prompts``; returns the last stats.
+
+        Writes ``metrics.jsonl``, checkpoints under ``run_dir/checkpoints`` (step 0 first: the first stable point)
+        and ``summary.json``. SIGINT/SIGTERM finish the current iteration, checkpoint, and raise
+        :class:`tether.errors.Interrupted`.
+        """
+        run_dir, stats = Path(run_dir), {}
+        checkpoints = run_dir / "checkpoints"
         logger = MetricLogger.from_config(run_dir, self.config, echo)
-        bar = progress(self.cfg.steps, "ppo")
-        order = []
-        stats = {}
-        while self.iteration < self.cfg.steps:
-            t0 = time.perf_counter()
-            while len(order) < self.cfg.rollout_batch_size:  # epochs over the prompts, each freshly shuffled
-                order += torch.randperm(len(prompts), generator=self.generator).tolist()
-            batch, order = (
-                [prompts[i] for i in order[: self.cfg.rollout_batch_size]],
-                order[self.cfg.rollout_batch_size :],
-            )
-            # 1. rollout: sample responses; old log-probs, reference log-probs, values, raw scores
-            rollout = self.rollout(batch)
-            t_rollout = time.perf_counter() - t0
-            # 2-5. reward, advantages, update, KL control
-            rollout, stats = self.step(rollout)
-            stats["time/rollout"] = t_rollout
-            stats["time/step"] = time.perf_counter() - t0
-            stats["perf/tokens_per_sec"] = rollout.response_mask.sum().item() / stats["time/step"]
-            if on_step is not None:
-                stats.update(on_step(self, rollout) or {})
-            logger.log(stats, self.iteration)
-            bar.update(1)
-            if self.cfg.save_every and self.iteration % self.cfg.save_every == 0:
-                self.save(run_dir / "checkpoints")
-        bar.close()
-        logger.close()
+        bar = progress(self.config.ppo.steps, "ppo", initial=self.iteration)
+        if self.saved_at is None:
+            self.save(checkpoints)
+        with stop_requests() as stop, logger, bar:
+            while self.iteration < self.config.ppo.steps and not self.stopped:
+                t0 = time.perf_counter()
+                self.enter_stage(echo)
+                sampled_from = self.iteration
+                # 1. rollout: sample responses; old log-probs, reference log-probs, values, raw scores
+                rollout = self.rollout(self.next_prompts(prompts))
+                t_rollout = time.perf_counter() - t0
+                # 2-5. reward, advantages, update, KL control
+                rollout, stats = self.step(rollout)
+                stats |= {"time/rollout": t_rollout, "time/step": time.perf_counter() - t0}
+                stats["perf/tokens_per_sec"] = rollout.response_mask.sum().item() / stats["time/step"]
+                if on_step is not None:
+                    stats.update(on_step(self, rollout) or {})
+                # 6. guards: KL limit and non-finite steps restore the last stable checkpoint, then stop or go on
+                stats |= self.apply_guards(stats, sampled_from, checkpoints, echo)
+                logger.log(stats, self.iteration)
+                bar.update(1)
+                # 7. checkpoint: every save_every iterations, and when asked to stop
+                if (self.cfg.save_every and self.iteration % self.cfg.save_every == 0) or stop:
+                    self.save(checkpoints)
+                if stop:
+                    self.events.append({"iteration": self.iteration, "kind": "interrupted", "signal": stop[0]})
+                    write_summary(run_dir, self.summary(stats))
+                    raise Interrupted(stop[0], self.iteration, run_dir)
+        if not stats:  # resumed after the last iteration: its metrics are the file's last row
+            stats = {k: v for k, v in (read_metrics(logger.path) or [{}])[-1].items() if k != "step"}
+        write_summary(run_dir, self.summary(stats))
         return stats
+
+    def next_prompts(self, prompts: list[str]) -> list[str]:
+        """The next rollout batch of prompts: passes over the prompts, each freshly shuffled (resumable position)."""
+        n = self.config.ppo.rollout_batch_size
+        while len(self.prompt_order) < n:
+            self.prompt_order += torch.randperm(len(prompts), generator=self.generator).tolist()
+        batch, self.prompt_order = self.prompt_order[:n], self.prompt_order[n:]
+        return [prompts[i] for i in batch]
+
+    def enter_stage(self, echo=print) -> None:
+        """The coming iteration's stage settings; entering a stage sets its kl_coef (the tutorial's per-stage beta)."""
+        index, self.cfg = stage_at(self.config.ppo, self.config.stages, self.iteration)
+        if index != self.stage_index:
+            self.stage_index = index
+            stage = self.config.stages[index]
+            if "kl_coef" in stage.overrides:
+                self.kl_ctl.value = stage.overrides["kl_coef"]
+            changes = ", ".join(f"{k}={v}" for k, v in stage.overrides.items()) or "no overrides"
+            echo(f"stage {index + 1}/{len(self.config.stages)} '{stage.name}': {stage.steps} iterations ({changes})")
+
+    def apply_guards(self, stats: dict, sampled_from: int, checkpoints: Path, echo=print) -> dict[str, float]:
+        """Act on the guards after an iteration; returns the ``guard/*`` metrics (docs/metrics.md).
+
+        The rollout was sampled from the weights at iteration ``sampled_from``; if those weights are a checkpoint and
+        the rollout's KL is within the limit (and finite), that checkpoint becomes the newest stable one.
+        """
+        decision = check_kl(stats["kl/ref"], self.cfg.kl_stop)
+        if decision is None and self.saved_at == sampled_from:
+            self.guards.last_stable = sampled_from
+        decision = decision or check_bad_steps(self.guards, self.cfg.max_bad_steps)
+        if decision is not None:
+            self.restore_stable(decision, checkpoints, echo)
+        stage = {"stage/index": self.stage_index} if self.config.stages else {}
+        return {"guard/fired": float(decision is not None), "guard/rollbacks": self.guards.rollbacks} | stage
+
+    def restore_stable(self, decision: Decision, checkpoints: Path, echo=print) -> None:
+        """Load the newest stable checkpoint's weights, optimizer, KL controller and score normaliser (not the RNG
+        or the data position), then stop or continue with a lower learning rate (``ppo.kl_stop_action``)."""
+        stable = self.guards.last_stable
+        path = step_dir(checkpoints, stable) if stable is not None else None
+        if path is None or not path.is_dir():
+            found = list_checkpoints(checkpoints)
+            path = found[0] if found else None
+        if path is None:
+            raise TetherError(f"{decision.evidence}, and no checkpoint to restore under {checkpoints}")
+        self.restore(path, full=False)
+        self.guards.rollbacks += 1
+        self.guards.bad_steps = 0
+        action = self.cfg.kl_stop_action
+        if action == "rollback":
+            self.lr_scale *= self.cfg.kl_stop_lr_factor
+        else:
+            self.stopped = True
+        event = {"iteration": self.iteration, "kind": decision.kind, "evidence": decision.evidence}
+        self.events.append(event | {"restored": path.name, "action": action, "lr_scale": self.lr_scale})
+        then = "stopping" if action == "stop" else f"continuing with lr x{self.lr_scale:g}"
+        echo(f"guard at iteration {self.iteration}: {decision.evidence}; restored {path.name}, {then}")
+
+    def summary(self, stats: dict) -> dict:
+        """What ``summary.json`` records about the run: progress, guard events, the last iteration's metrics."""
+        final = {k: v for k, v in stats.items() if not k.startswith(("time/", "perf/"))}
+        return {"iterations": self.iteration, "stopped_early": self.stopped, "events": self.events, "final": final}
 
     @classmethod
     def from_config(cls, config: RunConfig) -> PPOTrainer:
         """Load policy, reference, value model and reward (model or function) as ``config.model`` names them."""
-        m = config.model
-        policy = load_causal_lm(m.policy, m.dtype, m.trust_remote_code)
-        tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
-        if m.lora_r > 0:  # LoRA: the reference is the same weights with the adapter switched off (no second copy)
-            from tether.models import AdapterDisabledReference, add_lora
-
-            policy = add_lora(policy, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
-            reference = AdapterDisabledReference(policy)
-        else:
-            reference = reference_copy(policy)
-        if not m.reward_model:
-            raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
-        if Path(m.reward_model).is_dir():
-            reward_model = freeze(load_reward_model(m.reward_model, m.dtype, m.trust_remote_code))
-            rm_tokenizer = None  # a folder without tokenizer files shares the policy's tokenizer
-            if any((Path(m.reward_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-                rm_tokenizer = load_tokenizer(m.reward_model, m.trust_remote_code)
-                rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
-            scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer)
-        elif ":" in m.reward_model:
-            scorer = FunctionScorer(load_reward_function(m.reward_model), m.reward_model)
-        else:
-            raise TetherError(f"model.reward_model '{m.reward_model}': no such folder (or 'module:function')")
-        critic = None
-        if m.value_model == "separate":
-            init = m.value_init or (m.reward_model if isinstance(scorer, RewardModelScorer) else m.policy)
-            if init == m.reward_model:  # critic starts as the reward model, head included (N+ detail 22)
-                critic = load_reward_model(init, m.dtype, m.trust_remote_code)
-            else:
-                critic = new_scalar_model(init, m.dtype, m.trust_remote_code)
-        return cls(config, ActorCritic(policy, critic), reference, tokenizer, scorer)
+        roles = load_roles(config)
+        return cls(config, roles.actor_critic, roles.reference, roles.tokenizer, roles.scorer, roles.placement)
 
     def save(self, root: Path) -> Path:
-        """A full checkpoint of this iteration (policy, value model, optimizer, controller, RNG)."""
+        """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit."""
         state = {
             "iteration": self.iteration,
             "update_index": self.update_index,
             "kl_ctl": self.kl_ctl.state_dict(),
             "moments": self.moments.state_dict(),
+            "guards": self.guards.state_dict(),
+            "prompt_order": self.prompt_order,
+            "stage_index": self.stage_index,
+            "lr_scale": self.lr_scale,
+            "stopped": self.stopped,
+            "events": self.events,
+            "config": to_dict(self.config),
         }
-        return save_checkpoint(
-            step_dir(root, self.iteration), self.actor_critic, self.tokenizer, self.optimizer, state
+        path = save_checkpoint(
+            step_dir(root, self.iteration), self.actor_critic, self.tokenizer, self.optimizer, state, self.generator
         )
+        self.saved_at = self.iteration
+        prune_checkpoints(root, self.config.ppo.keep_checkpoints, protect=self.guards.last_stable)
+        return path
+
+    def restore(self, path: Path, full: bool = True) -> dict:
+        """Load a checkpoint onto this trainer's device. ``full``: everything, to resume the run exactly; otherwise
+        only the weights, optimizer, KL controller and score normaliser (a guard's rollback)."""
+        state = load_training_state(path, self.actor_critic, self.optimizer, self.generator, restore_rng=full)
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.moments.load_state_dict(state["moments"])
+        if full:
+            self.iteration, self.update_index = state["iteration"], state["update_index"]
+            self.guards.load_state_dict(state["guards"])
+            self.prompt_order, self.stage_index = state["prompt_order"], state["stage_index"]
+            self.lr_scale, self.stopped, self.events = state["lr_scale"], state["stopped"], state["events"]
+        self.saved_at = checkpoint_step(path)
+        return state
+
+
+def kl_controller(cfg: PPOParams):
+    """The KL coefficient's controller named by ``ppo.kl_control``."""
+    if cfg.kl_control == "adaptive":
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    if cfg.kl_control == "threshold":
+        return ThresholdKLController(cfg.kl_coef, cfg.kl_target)
+    return FixedKLController(cfg.kl_coef)
 
 
 def rollout_stats(rollout: Rollout, kl_coef: float) -> dict[str, float]:

@@ -1,7 +1,9 @@
 """Reward-model training on {"prompt", "chosen", "rejected"} pairs with the Bradley-Terry loss.
 
 ``loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))``; the reward is read at the last real token of
-prompt + response + EOS. A held-out split reports pairwise accuracy and margin (ppo_details #1-#4).
+prompt + response + EOS. A held-out split reports pairwise accuracy and margin (ppo_details #1-#4), and the Pearson
+correlation of the score with response length: a length-biased reward model shows here before PPO exploits it.
+``reward.max_length_gap`` trains on length-balanced pairs only (the tutorial's length remedy 3).
 """
 
 from __future__ import annotations
@@ -12,35 +14,54 @@ from pathlib import Path
 
 import torch
 
-from tether.algo import pairwise_reward_loss
+from tether.algo import pairwise_reward_loss, pearson_correlation
 from tether.config import RunConfig
 from tether.data import preference_batch, read_records
 from tether.errors import TetherError
-from tether.models import load_tokenizer, new_scalar_model, resolve_device, sequence_scores
+from tether.models import load_tokenizer, new_scalar_model, sequence_scores
+from tether.precision import Placement
 from tether.trainers.common import lr_factor, progress, save_model, set_lr
 from tether.tracking import MetricLogger
 
 
-def pair_scores(model, tokenizer, records, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_scores, rejected_scores), each (B,), from one forward pass over both halves."""
+def pair_scores(model, tokenizer, records, max_length: int, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_scores, rejected_scores), each (B,) float32, from one forward pass (under autocast) over both halves."""
     batch = preference_batch(tokenizer, records, max_length)
-    scores = sequence_scores(
-        model, batch.input_ids.to(device), batch.attention_mask.to(device), tokenizer.eos_token_id
-    )
+    ids, mask = placement.move(batch.input_ids), placement.move(batch.attention_mask)
+    with placement.autocast():
+        scores = sequence_scores(model, ids, mask, tokenizer.eos_token_id)
     return scores[: batch.num_pairs], scores[batch.num_pairs :]
 
 
+def response_tokens(tokenizer, response: str) -> int:
+    """Length of a response in the tokenizer's tokens (without special tokens and EOS)."""
+    return len(tokenizer(response, add_special_tokens=False)["input_ids"])
+
+
+def length_balanced(tokenizer, records: list[dict], max_gap: int) -> list[dict]:
+    """The pairs whose ``|len(chosen) - len(rejected)| < max_gap`` tokens (the tutorial's length remedy 3)."""
+    return [
+        r
+        for r in records
+        if abs(response_tokens(tokenizer, r["chosen"]) - response_tokens(tokenizer, r["rejected"])) < max_gap
+    ]
+
+
 @torch.no_grad()
-def evaluate_pairs(model, tokenizer, records, max_length: int, device, batch_size: int = 64) -> dict:
-    """Pairwise accuracy, mean margin and loss of the reward model on ``records``."""
+def evaluate_pairs(model, tokenizer, records, max_length: int, placement: Placement, batch_size: int = 64) -> dict:
+    """Pairwise accuracy, mean margin and loss of the reward model on ``records``, and ``length_corr``: the Pearson
+    correlation between score and response length (tokens) over all chosen and rejected responses."""
     model.eval()
     chosen, rejected = [], []
     for i in range(0, len(records), batch_size):
-        c, r = pair_scores(model, tokenizer, records[i : i + batch_size], max_length, device)
+        c, r = pair_scores(model, tokenizer, records[i : i + batch_size], max_length, placement)
         chosen.append(c)
         rejected.append(r)
-    loss, stats = pairwise_reward_loss(torch.cat(chosen), torch.cat(rejected))
-    return {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    loss, stats = pairwise_reward_loss(chosen, rejected)
+    lengths = [response_tokens(tokenizer, r[side]) for side in ("chosen", "rejected") for r in records]
+    length_corr = pearson_correlation(torch.cat([chosen, rejected]).cpu(), torch.tensor(lengths))
+    return {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "length_corr": length_corr.item()}
 
 
 def split_pairs(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -55,12 +76,29 @@ def split_pairs(records: list[dict], eval_fraction: float, seed: int) -> tuple[l
 def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, dict]:
     """Train a reward model on ``config.reward.data``; returns (model folder, held-out metrics)."""
     cfg = config.reward
+    init = cfg.init or config.model.policy
+    if init == "tiny":
+        raise TetherError(
+            "model.policy=tiny is a new, untrained model for `tether sft`; a reward model starts from a trained "
+            "folder (set reward.init or model.policy, e.g. to runs/sft-.../model)"
+        )
+    placement = Placement.from_config(config.model)
     records = read_records(cfg.data, ("prompt", "chosen", "rejected"))
     train, held_out = split_pairs(records, cfg.eval_fraction, config.seed)
-    init = cfg.init or config.model.policy
     tokenizer = load_tokenizer(config.model.tokenizer or init, config.model.trust_remote_code)
-    device = resolve_device(config.model.device)
-    model = new_scalar_model(init, config.model.dtype, config.model.trust_remote_code).to(device)
+    total = len(train)
+    if cfg.max_length_gap is not None:  # only training pairs: the held-out set stays the same for comparison
+        rule = f"|len(chosen) - len(rejected)| < {cfg.max_length_gap} tokens"
+        train = length_balanced(tokenizer, train, cfg.max_length_gap)
+        if not train:
+            raise TetherError(
+                f"reward.max_length_gap={cfg.max_length_gap}: none of the {total} training pairs has {rule}; "
+                "raise it or set it to none"
+            )
+        echo(f"reward.max_length_gap={cfg.max_length_gap}: kept {len(train)} of {total} training pairs ({rule})")
+    pair_counts = {"rm/pairs_kept": len(train), "rm/pairs_total": total}
+    model = new_scalar_model(init, placement.trained_dtype, config.model.trust_remote_code)
+    model = placement.trained(model, cfg.lr)
     model.config.pad_token_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
@@ -72,7 +110,7 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, di
         for i in range(0, len(train), cfg.batch_size):
             model.train()
             set_lr(optimizer, cfg.lr * lr_factor("linear", step, total))
-            chosen, rejected = pair_scores(model, tokenizer, train[i : i + cfg.batch_size], cfg.max_length, device)
+            chosen, rejected = pair_scores(model, tokenizer, train[i : i + cfg.batch_size], cfg.max_length, placement)
             loss, stats = pairwise_reward_loss(chosen, rejected)
             if cfg.center_coef:
                 loss = loss + cfg.center_coef * ((chosen + rejected) ** 2).mean()
@@ -92,11 +130,12 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, di
                     step,
                 )
             step += 1
-        held = evaluate_pairs(model, tokenizer, held_out, cfg.max_length, device)
-        logger.log({f"rm/eval_{k}": v for k, v in held.items()}, step)
+        held = evaluate_pairs(model, tokenizer, held_out, cfg.max_length, placement)
+        logger.log({**{f"rm/eval_{k}": v for k, v in held.items()}, **pair_counts}, step)
     bar.close()
     logger.close()
     echo(
-        f"reward model: held-out accuracy {held['accuracy']:.3f}, margin {held['margin']:.3f} on {len(held_out)} pairs"
+        f"reward model: held-out accuracy {held['accuracy']:.3f}, margin {held['margin']:.3f}, "
+        f"score-length correlation {held['length_corr']:+.2f} on {len(held_out)} pairs"
     )
-    return save_model(model, tokenizer, run_dir / "model"), held
+    return save_model(model, tokenizer, run_dir / "model", placement.dtype), held

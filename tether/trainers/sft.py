@@ -16,20 +16,22 @@ from transformers import GPT2LMHeadModel
 from tether.algo import masked_mean
 from tether.config import RunConfig
 from tether.data import read_records, sft_batch
-from tether.models import char_tokenizer, load_causal_lm, load_tokenizer, model_inputs, resolve_device, tiny_config
+from tether.models import char_tokenizer, load_causal_lm, load_tokenizer, model_inputs, tiny_config
+from tether.precision import Placement
 from tether.trainers.common import lr_factor, progress, save_model, set_lr
 from tether.tracking import MetricLogger
 
 
-def initial_policy(config: RunConfig, texts: list[str]):
-    """(policy, tokenizer): a local model folder, or for 'tiny' a fresh small GPT-2 with a character tokenizer."""
+def initial_policy(config: RunConfig, texts: list[str], dtype: str | torch.dtype = "float32"):
+    """(policy, tokenizer): a local model folder (loaded in ``dtype``), or for 'tiny' a fresh small GPT-2 with a
+    character tokenizer."""
     model_cfg = config.model
     if model_cfg.policy == "tiny":
         tokenizer = load_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else char_tokenizer("".join(texts))
         policy = GPT2LMHeadModel(tiny_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
         return policy, tokenizer
     tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.policy, model_cfg.trust_remote_code)
-    return load_causal_lm(model_cfg.policy, model_cfg.dtype, model_cfg.trust_remote_code), tokenizer
+    return load_causal_lm(model_cfg.policy, dtype, model_cfg.trust_remote_code), tokenizer
 
 
 def sft_loss(policy, ids, attention_mask, loss_mask, fill_id: int):
@@ -44,10 +46,10 @@ def sft_loss(policy, ids, attention_mask, loss_mask, fill_id: int):
 def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
     """Fine-tune the policy on ``config.sft.data``; returns the saved model folder ``<run_dir>/model``."""
     cfg = config.sft
+    placement = Placement.from_config(config.model)
     records = read_records(cfg.data, ("prompt", "response"))
-    policy, tokenizer = initial_policy(config, [r["prompt"] + r["response"] for r in records])
-    device = resolve_device(config.model.device)
-    policy.to(device).train()
+    policy, tokenizer = initial_policy(config, [r["prompt"] + r["response"] for r in records], placement.trained_dtype)
+    policy = placement.trained(policy, cfg.lr).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     rng = random.Random(config.seed)
     logger = MetricLogger.from_config(run_dir, config, echo)
@@ -56,10 +58,11 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
     for step in range(cfg.steps):
         set_lr(optimizer, cfg.lr * lr_factor("cosine", step, cfg.steps, cfg.warmup_steps))
         batch = [
-            t.to(device)
+            placement.move(t)
             for t in sft_batch(tokenizer, rng.sample(records, min(cfg.batch_size, len(records))), cfg.max_length)
         ]
-        loss, accuracy = sft_loss(policy, *batch, fill_id=tokenizer.eos_token_id)
+        with placement.autocast():  # bf16 forward; sft_loss takes float32 logits
+            loss, accuracy = sft_loss(policy, *batch, fill_id=tokenizer.eos_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -79,4 +82,4 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
     bar.close()
     logger.close()
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    return save_model(policy, tokenizer, run_dir / "model")
+    return save_model(policy, tokenizer, run_dir / "model", placement.dtype)

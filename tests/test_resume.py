@@ -1,0 +1,161 @@
+"""Exact resume: a `tether ppo` run killed at any moment and resumed ends exactly where the uninterrupted run ends.
+
+Every case runs the real CLI in subprocesses on tiny models and compares, against one uninterrupted run, every
+metric except timings (equal to the last digit) and the final weights (bitwise).
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tether.checkpoint import list_checkpoints
+from tether.data import write_jsonl
+
+pytestmark = pytest.mark.slow
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def ppo_args(policy_dir, reward_dir, prompts, run_dir):
+    return [
+        "ppo",
+        f"model.policy={policy_dir}",
+        f"model.reward_model={reward_dir}",
+        f"ppo.prompts={prompts}",
+        "ppo.steps=6",
+        "ppo.save_every=1",
+        "ppo.keep_checkpoints=2",
+        "ppo.rollout_batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=2",
+        "ppo.lr=1e-3",
+        "sampling.max_new_tokens=8",
+        "logging.print_every=0",
+        "model.device=cpu",
+        f"output_dir={run_dir}",
+    ]
+
+
+def start(*args, code=None):
+    """A `tether` process (or, with ``code``, a python script run before the CLI in the same process)."""
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "tether.cli", *args]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def rows(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def kill_when(proc, run_dir: Path, min_rows: int, delay: float, sig=signal.SIGKILL) -> int:
+    while rows(run_dir) < min_rows and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc.returncode
+
+
+def finish(run_dir: Path) -> None:
+    proc = start("ppo", "--resume", str(run_dir))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+
+def results(run_dir: Path):
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in metrics]
+    return metrics, load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    metrics, weights = results(run_dir)
+    ref_metrics, ref_weights = results(reference)
+    assert [r["step"] for r in metrics] == list(range(1, 7))
+    assert metrics == ref_metrics  # every value, to the last digit
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"] == json.loads((reference / "summary.json").read_text())["final"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, policy_dir, reward_dir):
+    root = tmp_path_factory.mktemp("resume")
+    prompts = root / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": f"{a}+{b}="} for a in range(5) for b in range(3)])
+    reference = root / "uninterrupted"
+    proc = start(*ppo_args(policy_dir, reward_dir, prompts, reference))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return root, lambda run_dir: ppo_args(policy_dir, reward_dir, prompts, run_dir), reference
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_twice_at_random_moments_then_resume_is_exact(setup, seed):
+    root, args, reference = setup
+    rng = random.Random(seed)
+    run_dir = root / f"killed{seed}"
+    kill_when(start(*args(run_dir)), run_dir, rng.randint(1, 3), rng.random() * 0.4)
+    first = rows(run_dir)
+    kill_when(start("ppo", "--resume", str(run_dir)), run_dir, first + 1, rng.random() * 0.4)
+    assert list_checkpoints(run_dir / "checkpoints")  # killed twice, still something to resume from
+    finish(run_dir)
+    assert_same_run(run_dir, reference)
+    assert len(list_checkpoints(run_dir / "checkpoints")) <= 3  # keep_checkpoints=2, plus the newest stable one
+
+
+KILL_IN_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import tether.checkpoint as ckpt
+    real, calls = ckpt.save_file, []
+    def save_file(tensors, path):
+        calls.append(path)
+        if "step_000003" in str(path) and str(path).endswith("optimizer.safetensors"):
+            real(tensors, path)  # the weights and half of the files are on disk: die before the state file
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(tensors, path)
+    ckpt.save_file = save_file
+    from tether.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_one_before(setup):
+    root, args, reference = setup
+    run_dir = root / "killed_in_write"
+    proc = start(*args(run_dir), code=KILL_IN_CHECKPOINT)
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    names = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
+    assert names[-1] == "step_000002" and (run_dir / "checkpoints" / "step_000003.tmp").is_dir()
+    assert rows(run_dir) == 3  # iteration 3 was logged; its checkpoint never completed
+    finish(run_dir)
+    assert_same_run(run_dir, reference)
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(setup):
+    root, args, reference = setup
+    run_dir = root / "terminated"
+    proc = start(*args(run_dir))
+    kill_when(proc, run_dir, 2, 0.0, sig=signal.SIGTERM)
+    err = proc.stderr.read().strip().splitlines()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err[-1].startswith("tether: SIGTERM at iteration") and f"tether ppo --resume {run_dir}" in err[-1]
+    stopped_at = int(err[-1].split("iteration ")[1].split(":")[0])
+    assert list_checkpoints(run_dir / "checkpoints")[-1].name == f"step_{stopped_at:06d}"
+    assert rows(run_dir) == stopped_at
+    finish(run_dir)
+    assert_same_run(run_dir, reference)

@@ -1,0 +1,70 @@
+"""The four roles of PPO, loaded as ``config.model`` names them: policy + value model (trained), frozen reference,
+and the reward (a reward-model folder or a Python function), all placed by one :class:`Placement`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tether.config import RunConfig
+from tether.errors import TetherError
+from tether.models import (
+    ActorCritic,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    new_scalar_model,
+    reference_copy,
+)
+from tether.precision import Placement
+from tether.rewards import FunctionScorer, RewardModelScorer, load_reward_function
+
+
+@dataclass
+class Roles:
+    actor_critic: ActorCritic  # the policy and its value model: what PPO trains
+    reference: object  # the frozen reference policy (a copy, or the LoRA policy with its adapter off)
+    tokenizer: object  # the policy's tokenizer
+    scorer: object  # RewardModelScorer or FunctionScorer
+    placement: Placement  # where each role lives, in which precision
+
+
+def load_roles(config: RunConfig) -> Roles:
+    """Load policy, reference, value model and reward (model or function) as ``config.model`` names them."""
+    m = config.model
+    if m.policy == "tiny":
+        raise TetherError(
+            "model.policy=tiny is a new, untrained model for `tether sft`; PPO needs a trained policy folder "
+            "(e.g. model.policy=runs/sft-.../model)"
+        )
+    placement = Placement.from_config(m)
+    policy = load_causal_lm(m.policy, placement.trained_dtype, m.trust_remote_code)
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
+    if m.lora_r > 0:  # LoRA: the reference is the same weights with the adapter switched off (no second copy)
+        from tether.models import AdapterDisabledReference, add_lora
+
+        policy = add_lora(policy, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+        reference = AdapterDisabledReference(policy)
+    else:
+        reference = reference_copy(policy)
+    if not m.reward_model:
+        raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
+    if Path(m.reward_model).is_dir():
+        reward_model = load_reward_model(m.reward_model, placement.frozen_dtype, m.trust_remote_code)
+        rm_tokenizer = None  # a folder without tokenizer files shares the policy's tokenizer
+        if any((Path(m.reward_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            rm_tokenizer = load_tokenizer(m.reward_model, m.trust_remote_code)
+            rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
+        scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement)
+    elif ":" in m.reward_model:
+        scorer = FunctionScorer(load_reward_function(m.reward_model), m.reward_model)
+    else:
+        raise TetherError(f"model.reward_model '{m.reward_model}': no such folder (or 'module:function')")
+    critic = None
+    if m.value_model == "separate":
+        init = m.value_init or (m.reward_model if isinstance(scorer, RewardModelScorer) else m.policy)
+        if init == m.reward_model:  # critic starts as the reward model, head included (N+ detail 22)
+            critic = load_reward_model(init, placement.trained_dtype, m.trust_remote_code)
+        else:
+            critic = new_scalar_model(init, placement.trained_dtype, m.trust_remote_code)
+    return Roles(ActorCritic(policy, critic), reference, tokenizer, scorer, placement)
