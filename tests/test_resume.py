@@ -159,3 +159,5 @@ def test_sigterm_checkpoints_and_says_how_to_resume(setup):
     assert rows(run_dir) == stopped_at
     finish(run_dir)
     assert_same_run(run_dir, reference)
+    events = json.loads((run_dir / "summary.json").read_text())["events"]
+    assert events == [{"iteration": stopped_at, "kind": "interrupted", "signal": int(signal.SIGTERM)}]
