@@ -55,3 +55,19 @@ def reward_dir(tmp_path_factory, policy_dir, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_args(policy_dir, reward_dir):
+    """Dotted overrides for a short PPO run on the tiny models; tests append their own (the last one wins)."""
+    return [
+        f"model.policy={policy_dir}",
+        f"model.reward_model={reward_dir}",
+        "ppo.steps=2",
+        "ppo.rollout_batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=2",
+        "ppo.lr=1e-3",
+        "sampling.max_new_tokens=8",
+        "logging.print_every=0",
+    ]

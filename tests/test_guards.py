@@ -17,26 +17,17 @@ PROMPTS = ["1+1=", "2*3=", "9-4=", "7+7=", "3*3=", "8-1=", "5+4=", "6*2="]
 QUIET = dict(echo=lambda *a: None)
 
 
-def trainer_for(policy_dir, reward_dir, tmp_path, *overrides, config_file=None):
-    config = build_config(
-        config_file,
-        [
-            f"model.policy={policy_dir}",
-            f"model.reward_model={reward_dir}",
-            "ppo.steps=4",
-            "ppo.rollout_batch_size=8",
-            "ppo.mini_batch_size=4",
-            "ppo.ppo_epochs=2",
-            "ppo.lr=1e-3",
-            "sampling.max_new_tokens=8",
-            "logging.print_every=0",
-            "model.device=cpu",
-            f"output_dir={tmp_path}",
-            *overrides,
-        ],
-    )
-    torch.manual_seed(config.seed)
-    return PPOTrainer.from_config(config)
+@pytest.fixture
+def trainer_for(tiny_ppo_args):
+    def make(tmp_path, *overrides, config_file=None):
+        config = build_config(
+            config_file,
+            [*tiny_ppo_args, "ppo.steps=4", "model.device=cpu", f"output_dir={tmp_path}", *overrides],
+        )
+        torch.manual_seed(config.seed)
+        return PPOTrainer.from_config(config)
+
+    return make
 
 
 def test_repeat_fraction_by_hand():
@@ -61,11 +52,9 @@ def test_guard_state_round_trips():
     assert other == state
 
 
-def test_kl_guard_restores_the_last_stable_checkpoint_and_stops(policy_dir, reward_dir, tmp_path):
+def test_kl_guard_restores_the_last_stable_checkpoint_and_stops(trainer_for, tmp_path):
     # lr 3e-2 pushes the policy away from the reference fast; a tiny limit makes the guard fire within a few steps
-    trainer = trainer_for(
-        policy_dir, reward_dir, tmp_path, "ppo.lr=3e-2", "ppo.kl_stop=0.5", "ppo.save_every=1", "ppo.steps=8"
-    )
+    trainer = trainer_for(tmp_path, "ppo.lr=3e-2", "ppo.kl_stop=0.5", "ppo.save_every=1", "ppo.steps=8")
     trainer.train(PROMPTS, tmp_path, **QUIET)
     (event,) = trainer.events
     assert event["kind"] == "kl_stop" and event["action"] == "stop" and trainer.stopped
@@ -84,10 +73,8 @@ def test_kl_guard_restores_the_last_stable_checkpoint_and_stops(policy_dir, rewa
     assert summary["stopped_early"] and summary["events"][0]["evidence"].startswith("KL to the reference")
 
 
-def test_kl_guard_rollback_continues_with_a_lower_learning_rate(policy_dir, reward_dir, tmp_path):
+def test_kl_guard_rollback_continues_with_a_lower_learning_rate(trainer_for, tmp_path):
     trainer = trainer_for(
-        policy_dir,
-        reward_dir,
         tmp_path,
         "ppo.lr=3e-2",
         "ppo.lr_schedule=constant",
@@ -106,8 +93,8 @@ def test_kl_guard_rollback_continues_with_a_lower_learning_rate(policy_dir, rewa
     assert trainer.guards.rollbacks == len(trainer.events) >= 1
 
 
-def test_non_finite_steps_are_skipped_then_restored(policy_dir, reward_dir, tmp_path):
-    trainer = trainer_for(policy_dir, reward_dir, tmp_path, "ppo.max_bad_steps=3", "ppo.save_every=1")
+def test_non_finite_steps_are_skipped_then_restored(trainer_for, tmp_path):
+    trainer = trainer_for(tmp_path, "ppo.max_bad_steps=3", "ppo.save_every=1")
     real = trainer.clip_gradients
     calls = []
 
@@ -131,10 +118,10 @@ def nan_for_first(prompts, responses):
 """
 
 
-def test_a_reward_function_that_returns_nan_for_one_sample_does_not_stop_the_run(policy_dir, tmp_path, monkeypatch):
+def test_a_reward_function_that_returns_nan_for_one_sample_does_not_stop_the_run(trainer_for, tmp_path, monkeypatch):
     (tmp_path / "nan_rewards.py").write_text(NAN_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    trainer = trainer_for(policy_dir, "nan_rewards:nan_for_first", tmp_path, "ppo.steps=2")
+    trainer = trainer_for(tmp_path, "model.reward_model=nan_rewards:nan_for_first", "ppo.steps=2")
     trainer.train(PROMPTS, tmp_path, **QUIET)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["guard/nonfinite_scores"] for r in records] == [1, 1]
@@ -150,9 +137,9 @@ ppo:
 """
 
 
-def test_stages_change_settings_in_order_and_resume_inside_a_stage(policy_dir, reward_dir, tmp_path):
+def test_stages_change_settings_in_order_and_resume_inside_a_stage(trainer_for, tmp_path):
     (tmp_path / "staged.yaml").write_text(STAGED)
-    full = trainer_for(policy_dir, reward_dir, tmp_path / "full", config_file=tmp_path / "staged.yaml")
+    full = trainer_for(tmp_path / "full", config_file=tmp_path / "staged.yaml")
     full.train(PROMPTS, tmp_path / "full", **QUIET)
     records = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert [r["stage/index"] for r in records] == [0, 0, 1, 1]
@@ -160,14 +147,10 @@ def test_stages_change_settings_in_order_and_resume_inside_a_stage(policy_dir, r
     assert [r["kl/coef"] for r in records] == [0.2, 0.2, 0.05, 0.05]
     assert full.update_index == 2 * 1 * 2 + 2 * 2 * 2  # ppo_epochs 1 then 2, two minibatches each
     # stop after iteration 3 (inside stage 'main'), then resume a fresh trainer from that checkpoint
-    part = trainer_for(
-        policy_dir, reward_dir, tmp_path / "part", "ppo.save_every=1", config_file=tmp_path / "staged.yaml"
-    )
+    part = trainer_for(tmp_path / "part", "ppo.save_every=1", config_file=tmp_path / "staged.yaml")
     part.config.ppo.steps = 3
     part.train(PROMPTS, tmp_path / "part", **QUIET)
-    resumed = trainer_for(
-        policy_dir, reward_dir, tmp_path / "part", "ppo.save_every=1", config_file=tmp_path / "staged.yaml"
-    )
+    resumed = trainer_for(tmp_path / "part", "ppo.save_every=1", config_file=tmp_path / "staged.yaml")
     resumed.restore(step_dir(tmp_path / "part" / "checkpoints", 3))
     assert resumed.stage_index == 1
     last = resumed.train(PROMPTS, tmp_path / "part", **QUIET)
@@ -176,10 +159,8 @@ def test_stages_change_settings_in_order_and_resume_inside_a_stage(policy_dir, r
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_threshold_kl_control_in_a_run(policy_dir, reward_dir, tmp_path):
-    trainer = trainer_for(
-        policy_dir, reward_dir, tmp_path, "ppo.kl_control=threshold", "ppo.kl_target=100", "ppo.kl_coef=0.1"
-    )
+def test_threshold_kl_control_in_a_run(trainer_for, tmp_path):
+    trainer = trainer_for(tmp_path, "ppo.kl_control=threshold", "ppo.kl_target=100", "ppo.kl_coef=0.1")
     trainer.train(PROMPTS, tmp_path, **QUIET)
     coefs = [r["kl/coef"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     # KL stays far below 0.5 x target: beta shrinks x0.75 after every iteration

@@ -25,21 +25,14 @@ pytestmark = pytest.mark.slow
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def ppo_args(policy_dir, reward_dir, prompts, run_dir):
+def ppo_args(tiny_ppo_args, prompts, run_dir):
     return [
         "ppo",
-        f"model.policy={policy_dir}",
-        f"model.reward_model={reward_dir}",
+        *tiny_ppo_args,
         f"ppo.prompts={prompts}",
         "ppo.steps=6",
         "ppo.save_every=1",
         "ppo.keep_checkpoints=2",
-        "ppo.rollout_batch_size=8",
-        "ppo.mini_batch_size=4",
-        "ppo.ppo_epochs=2",
-        "ppo.lr=1e-3",
-        "sampling.max_new_tokens=8",
-        "logging.print_every=0",
         "model.device=cpu",
         f"output_dir={run_dir}",
     ]
@@ -89,15 +82,15 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, policy_dir, reward_dir):
+def setup(tmp_path_factory, tiny_ppo_args):
     root = tmp_path_factory.mktemp("resume")
     prompts = root / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": f"{a}+{b}="} for a in range(5) for b in range(3)])
     reference = root / "uninterrupted"
-    proc = start(*ppo_args(policy_dir, reward_dir, prompts, reference))
+    proc = start(*ppo_args(tiny_ppo_args, prompts, reference))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    return root, lambda run_dir: ppo_args(policy_dir, reward_dir, prompts, run_dir), reference
+    return root, lambda run_dir: ppo_args(tiny_ppo_args, prompts, run_dir), reference
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -161,3 +154,32 @@ def test_sigterm_checkpoints_and_says_how_to_resume(setup):
     assert_same_run(run_dir, reference)
     events = json.loads((run_dir / "summary.json").read_text())["events"]
     assert events == [{"iteration": stopped_at, "kind": "interrupted", "signal": int(signal.SIGTERM)}]
+
+
+SIGTERM_IN_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import tether.checkpoint as ckpt
+    real, sent = ckpt.save_file, []
+    def save_file(tensors, path):
+        real(tensors, path)
+        if "step_000002.tmp" in str(path) and str(path).endswith("optimizer.safetensors") and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of a scheduled checkpoint write
+    ckpt.save_file = save_file
+    from tether.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_sigterm_during_a_scheduled_checkpoint_is_recorded(setup):
+    root, args, reference = setup
+    run_dir = root / "terminated_in_write"
+    proc = start(*args(run_dir), code=SIGTERM_IN_CHECKPOINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "at iteration 2:" in err.strip().splitlines()[-1]
+    finish(run_dir)
+    assert_same_run(run_dir, reference)
+    events = json.loads((run_dir / "summary.json").read_text())["events"]
+    assert events == [{"iteration": 2, "kind": "interrupted", "signal": int(signal.SIGTERM)}]

@@ -16,23 +16,8 @@ from tether.tracking import read_metrics
 PROMPTS = ["1+1=", "2*3=", "9-4=", "7+7=", "3*3=", "8-1=", "5+4=", "6*2="]
 
 
-def ppo_config(policy_dir, reward_dir, tmp_path, *overrides, device="cpu"):
-    return build_config(
-        overrides=[
-            f"model.policy={policy_dir}",
-            f"model.reward_model={reward_dir}",
-            f"model.device={device}",
-            "ppo.steps=2",
-            "ppo.rollout_batch_size=8",
-            "ppo.mini_batch_size=4",
-            "ppo.ppo_epochs=2",
-            "ppo.lr=1e-3",
-            "sampling.max_new_tokens=8",
-            "logging.print_every=0",
-            f"output_dir={tmp_path}",
-            *overrides,
-        ]
-    )
+def ppo_config(tiny_ppo_args, tmp_path, *overrides, device="cpu"):
+    return build_config(overrides=[*tiny_ppo_args, f"model.device={device}", f"output_dir={tmp_path}", *overrides])
 
 
 def snapshot(module):
@@ -43,9 +28,9 @@ def changed(before, module):
     return [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
 
 
-def test_ppo_step_trains_policy_and_value_but_not_reference_or_reward(policy_dir, reward_dir, tmp_path, device):
+def test_ppo_step_trains_policy_and_value_but_not_reference_or_reward(tiny_ppo_args, tmp_path, device):
     torch.manual_seed(0)
-    trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path, device=device))
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, device=device))
     policy, value, ref, rm = (
         snapshot(m)
         for m in (
@@ -62,9 +47,9 @@ def test_ppo_step_trains_policy_and_value_but_not_reference_or_reward(policy_dir
     assert all(not p.requires_grad for p in trainer.reference.parameters())
 
 
-def test_every_logged_metric_is_documented(policy_dir, reward_dir, tmp_path, device):
+def test_every_logged_metric_is_documented(tiny_ppo_args, tmp_path, device):
     overrides = ["ppo.kl_control=adaptive", "ppo.kl_target=0.01", "ppo.kl_horizon=100"]
-    trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path, *overrides, device=device))
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, *overrides, device=device))
     trainer.train(PROMPTS, tmp_path)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
@@ -78,24 +63,21 @@ def test_every_logged_metric_is_documented(policy_dir, reward_dir, tmp_path, dev
     assert all(v is None or isinstance(v, (int, float)) for v in records[-1].values())
 
 
-def test_first_update_has_ratio_one(policy_dir, reward_dir, tmp_path, device):
-    trainer = PPOTrainer.from_config(
-        ppo_config(policy_dir, reward_dir, tmp_path, "ppo.lr=0", "ppo.steps=1", device=device)
-    )
+def test_first_update_has_ratio_one(tiny_ppo_args, tmp_path, device):
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, "ppo.lr=0", "ppo.steps=1", device=device))
     stats = trainer.train(PROMPTS, tmp_path)
     assert stats["ppo/ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert stats["ppo/ratio_min"] == pytest.approx(1.0, abs=1e-5)
     assert stats["ppo/clipfrac"] == 0 and stats["ppo/approx_kl"] == pytest.approx(0, abs=1e-7)
 
 
-def test_micro_batches_give_the_same_update(policy_dir, reward_dir, tmp_path, device):
+def test_micro_batches_give_the_same_update(tiny_ppo_args, tmp_path, device):
     results = []
     for micro in (4, 1):
         torch.manual_seed(0)
         trainer = PPOTrainer.from_config(
             ppo_config(
-                policy_dir,
-                reward_dir,
+                tiny_ppo_args,
                 tmp_path / str(micro),
                 "ppo.steps=1",
                 f"ppo.micro_batch_size={micro}",
@@ -109,8 +91,8 @@ def test_micro_batches_give_the_same_update(policy_dir, reward_dir, tmp_path, de
         torch.testing.assert_close(results[0][key], results[1][key], atol=2e-5, rtol=1e-4)
 
 
-def test_checkpoint_is_safetensors_and_restores(policy_dir, reward_dir, tmp_path, device):
-    trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path, "ppo.steps=1", device=device))
+def test_checkpoint_is_safetensors_and_restores(tiny_ppo_args, tmp_path, device):
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, "ppo.steps=1", device=device))
     trainer.train(PROMPTS, tmp_path)
     path = trainer.save(tmp_path / "checkpoints")
     assert path.name == "step_000001" and not list(path.parent.glob("*.tmp"))
@@ -120,7 +102,7 @@ def test_checkpoint_is_safetensors_and_restores(policy_dir, reward_dir, tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(path / "policy")
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(reloaded(ids).logits, trainer.actor_critic.policy(ids.to(device)).logits.cpu())
-    fresh = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path, device=device))
+    fresh = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, device=device))
     state = load_training_state(path, fresh.actor_critic, fresh.optimizer)
     assert state["iteration"] == 1
     torch.testing.assert_close(fresh.actor_critic.value_head.weight, trainer.actor_critic.value_head.weight)
@@ -128,10 +110,8 @@ def test_checkpoint_is_safetensors_and_restores(policy_dir, reward_dir, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
 
 
-def test_separate_critic_from_the_reward_model(policy_dir, reward_dir, tmp_path, device):
-    trainer = PPOTrainer.from_config(
-        ppo_config(policy_dir, reward_dir, tmp_path, "model.value_model=separate", device=device)
-    )
+def test_separate_critic_from_the_reward_model(tiny_ppo_args, tmp_path, device):
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, "model.value_model=separate", device=device))
     assert trainer.actor_critic.value_head is None
     critic = snapshot(trainer.actor_critic.critic)
     rm_head = trainer.scorer.model.score.weight.clone()
@@ -190,8 +170,8 @@ def test_reward_model_learns_separable_pairs(policy_dir, tmp_path, device):
     assert AutoConfig.from_pretrained(model_dir).num_labels == 1
 
 
-def test_fewer_prompts_than_a_rollout_batch_cycle_through(policy_dir, reward_dir, tmp_path, device):
-    trainer = PPOTrainer.from_config(ppo_config(policy_dir, reward_dir, tmp_path, "ppo.steps=1", device=device))
+def test_fewer_prompts_than_a_rollout_batch_cycle_through(tiny_ppo_args, tmp_path, device):
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, "ppo.steps=1", device=device))
     seen = []
     trainer.train(PROMPTS[:3], tmp_path, on_step=lambda t, rollout: seen.append(len(rollout)))
     assert seen == [8]  # a full rollout batch of 8, drawn from 3 prompts by reshuffled passes

@@ -67,8 +67,8 @@ class FunctionScorer:
     """Scores decoded text with a Python callable ``fn(prompts: list[str], responses: list[str]) -> scores``.
 
     A function that raises, or returns something that is not one number per response, is a one-line
-    :class:`TetherError` naming it. A NaN or inf score is passed on as NaN: the PPO trainer's non-finite guard skips
-    that step, so one bad sample does not end a long run.
+    :class:`TetherError` naming it. A NaN or inf score is passed on as NaN: the PPO trainer's non-finite guard
+    replaces it with the batch's finite mean and counts it, so one bad sample does not end a long run.
     """
 
     def __init__(self, fn: Callable, name: str = "reward_fn"):

@@ -297,12 +297,12 @@ class PPOTrainer:
                 stats |= self.apply_guards(stats, sampled_from, checkpoints, echo)
                 logger.log(stats, self.iteration)
                 bar.update(1)
-                # 7. checkpoint: every save_every iterations, and when asked to stop
-                if stop:
-                    self.events.append({"iteration": self.iteration, "kind": "interrupted", "signal": stop[0]})
-                if (self.cfg.save_every and self.iteration % self.cfg.save_every == 0) or stop:
+                # 7. checkpoint: every save_every iterations, and when asked to stop (a signal may arrive mid-save)
+                if self.cfg.save_every and self.iteration % self.cfg.save_every == 0 and not stop:
                     self.save(checkpoints)
                 if stop:
+                    self.events.append({"iteration": self.iteration, "kind": "interrupted", "signal": stop[0]})
+                    self.save(checkpoints)
                     write_summary(run_dir, self.summary(stats))
                     raise Interrupted(stop[0], self.iteration, run_dir)
         if not stats:  # resumed after the last iteration: its metrics are the file's last row
