@@ -183,3 +183,15 @@ def test_sigterm_during_a_scheduled_checkpoint_is_recorded(setup):
     assert_same_run(run_dir, reference)
     events = json.loads((run_dir / "summary.json").read_text())["events"]
     assert events == [{"iteration": 2, "kind": "interrupted", "signal": int(signal.SIGTERM)}]
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "config.yaml").write_text("seed: 0\n")
+    for folder, message in [
+        (tmp_path / "nothing", "not a run folder (no config.yaml)"),
+        (tmp_path / "empty_run", "no complete checkpoint under"),
+    ]:
+        proc = start("ppo", "--resume", str(folder))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and message in err

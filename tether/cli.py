@@ -92,7 +92,8 @@ def run(argv: list[str]) -> int:
     if args.command == "sample":
         return _sample(args)
     if args.help:
-        print(f"usage: tether {args.command} [--config FILE.yaml] [section.field=value ...]\n")
+        resume = " | --resume RUN" if args.command == "ppo" else ""
+        print(f"usage: tether {args.command} [--config FILE.yaml{resume}] [section.field=value ...]\n")
         print(DESCRIPTIONS[args.command] + "\n\nconfig fields (default, meaning):")
         print(help_text(_base_config(args.command), SECTIONS[args.command]))
         return 0
