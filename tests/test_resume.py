@@ -107,28 +107,30 @@ def test_sigkill_twice_at_random_moments_then_resume_is_exact(setup, seed):
     assert len(list_checkpoints(run_dir / "checkpoints")) <= 3  # keep_checkpoints=2, plus the newest stable one
 
 
-KILL_IN_CHECKPOINT = textwrap.dedent(
-    """
-    import os, signal, sys
-    import tether.checkpoint as ckpt
-    real, calls = ckpt.save_file, []
-    def save_file(tensors, path):
-        calls.append(path)
-        if "step_000003" in str(path) and str(path).endswith("optimizer.safetensors"):
-            real(tensors, path)  # the weights and half of the files are on disk: die before the state file
-            os.kill(os.getpid(), signal.SIGKILL)
-        real(tensors, path)
-    ckpt.save_file = save_file
-    from tether.cli import main
-    main(sys.argv[1:])
-    """
-)
+def signal_in_checkpoint(step: int, sig: int) -> str:
+    """A script that runs the CLI and sends itself ``sig`` once, while checkpoint ``step`` is half written: its
+    weights and optimizer files are on disk, its state file is not."""
+    return textwrap.dedent(
+        f"""
+        import os, sys
+        import tether.checkpoint as ckpt
+        real, sent = ckpt.save_file, []
+        def save_file(tensors, path):
+            real(tensors, path)
+            if "step_{step:06d}.tmp" in str(path) and str(path).endswith("optimizer.safetensors") and not sent:
+                sent.append(1)
+                os.kill(os.getpid(), {int(sig)})
+        ckpt.save_file = save_file
+        from tether.cli import main
+        main(sys.argv[1:])
+        """
+    )
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_one_before(setup):
     root, args, reference = setup
     run_dir = root / "killed_in_write"
-    proc = start(*args(run_dir), code=KILL_IN_CHECKPOINT)
+    proc = start(*args(run_dir), code=signal_in_checkpoint(3, signal.SIGKILL))
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     names = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
@@ -156,27 +158,10 @@ def test_sigterm_checkpoints_and_says_how_to_resume(setup):
     assert events == [{"iteration": stopped_at, "kind": "interrupted", "signal": int(signal.SIGTERM)}]
 
 
-SIGTERM_IN_CHECKPOINT = textwrap.dedent(
-    """
-    import os, signal, sys
-    import tether.checkpoint as ckpt
-    real, sent = ckpt.save_file, []
-    def save_file(tensors, path):
-        real(tensors, path)
-        if "step_000002.tmp" in str(path) and str(path).endswith("optimizer.safetensors") and not sent:
-            sent.append(1)
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of a scheduled checkpoint write
-    ckpt.save_file = save_file
-    from tether.cli import main
-    main(sys.argv[1:])
-    """
-)
-
-
 def test_sigterm_during_a_scheduled_checkpoint_is_recorded(setup):
     root, args, reference = setup
     run_dir = root / "terminated_in_write"
-    proc = start(*args(run_dir), code=SIGTERM_IN_CHECKPOINT)
+    proc = start(*args(run_dir), code=signal_in_checkpoint(2, signal.SIGTERM))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM and "at iteration 2:" in err.strip().splitlines()[-1]
     finish(run_dir)
