@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 import tether
-from tether.errors import TetherError
+from tether.errors import GuardStop, TetherError
 from tether.legacy import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 LEGACY_KEYS = [
@@ -308,6 +308,76 @@ def test_step_rejects_bad_inputs(policy_dir, user_tokenizer):
             tokenizer=user_tokenizer,
             optimizer=torch.optim.SGD(trainer.model.parameters(), lr=0.1),
         )
+
+
+def fixed_batch(tokenizer):
+    """Queries and responses that do not depend on sampling, so two trainers can be fed the same steps."""
+    queries = encode(tokenizer, ["1+2=", "3*4=", "9-9=", "1+1="])
+    a, b = tokenizer.convert_tokens_to_ids("3"), tokenizer.convert_tokens_to_ids("7")
+    responses = [
+        torch.tensor([a, b, tokenizer.eos_token_id]),
+        torch.tensor([b]),
+        torch.tensor([a, a]),
+        torch.tensor([b, a]),
+    ]
+    return queries, responses
+
+
+def without_timings(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if not k.startswith(("time/", "perf/")) and isinstance(v, float)}
+
+
+def test_save_and_load_checkpoint_continue_exactly(policy_dir, user_tokenizer, tmp_path):
+    queries, responses = fixed_batch(user_tokenizer)
+    scores = [torch.tensor([1.0, 0.0, -1.0, 0.5]), torch.tensor([0.2, 0.4, -0.3, 1.0]), torch.tensor([0.0, 1, 1, 0])]
+    first = make_trainer(policy_dir, user_tokenizer, init_kl_coef=0.2)
+    first.step(queries, responses, scores[0])
+    assert first.save_checkpoint(tmp_path / "ckpt").name == "step_000001"
+    expected = [first.step(queries, responses, s) for s in scores[1:]]
+    second = make_trainer(policy_dir, user_tokenizer, init_kl_coef=0.2)
+    assert second.load_checkpoint(tmp_path / "ckpt") == 1
+    got = [second.step(queries, responses, s) for s in scores[1:]]
+    assert [without_timings(s) for s in got] == [without_timings(s) for s in expected]
+    assert second.kl_ctl.value == first.kl_ctl.value
+    assert all(
+        torch.equal(a, b) for a, b in zip(second.model.state_dict().values(), first.model.state_dict().values())
+    )
+    with pytest.raises(TetherError, match="load_checkpoint: no checkpoint at"):
+        second.load_checkpoint(tmp_path / "nothing")
+
+
+def test_nan_score_is_replaced_and_counted(policy_dir, user_tokenizer):
+    queries, responses = fixed_batch(user_tokenizer)
+    stats = make_trainer(policy_dir, user_tokenizer).step(queries, responses, [1.0, float("nan"), 0.0, 2.0])
+    assert stats["guard/nonfinite_scores"] == 1 and stats["ppo/mean_scores"] == pytest.approx(1.0)
+    assert math.isfinite(stats["ppo/loss/total"])
+
+
+@pytest.mark.parametrize("action", ["stop", "rollback"])
+def test_kl_stop_restores_the_last_stable_checkpoint(policy_dir, user_tokenizer, tmp_path, action):
+    queries, responses = fixed_batch(user_tokenizer)
+    trainer = make_trainer(policy_dir, user_tokenizer, learning_rate=1e-2, kl_stop=1e-3, kl_stop_action=action)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.save_checkpoint(tmp_path)  # step 0: its own batch (KL 0) makes it stable
+    first = trainer.step(queries, responses, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    assert first["guard/fired"] == 0 and first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert not torch.equal(trainer.model.v_head.weight, start["v_head.weight"])
+    if action == "stop":
+        with pytest.raises(GuardStop, match=r"KL to the reference .* > ppo.kl_stop=0.001; restored step_000000"):
+            trainer.step(queries, responses, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    else:
+        with pytest.warns(UserWarning, match="restored step_000000, continuing with lr x0.5"):
+            stats = trainer.step(queries, responses, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+        assert stats["guard/fired"] == 1 and stats["guard/rollbacks"] == 1
+    assert all(torch.equal(start[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_kl_stop_without_a_checkpoint_says_so(policy_dir, user_tokenizer):
+    queries, responses = fixed_batch(user_tokenizer)
+    trainer = make_trainer(policy_dir, user_tokenizer, learning_rate=1e-2, kl_stop=1e-3)
+    trainer.step(queries, responses, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    with pytest.raises(TetherError, match=r"> ppo.kl_stop=0.001, and no checkpoint to restore$"):
+        trainer.step(queries, responses, torch.tensor([1.0, -1.0, 1.0, -1.0]))
 
 
 def test_dataset_gives_a_dataloader(policy_dir, user_tokenizer):

@@ -180,3 +180,100 @@ def test_resume_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
         proc = start("ppo", "--resume", str(folder))
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+# ---- tether sft and tether reward ----------------------------------------------------------------------------------
+def signal_at_step(step: int, sig: int) -> str:
+    """A script that runs the CLI and sends itself ``sig`` right after optimizer step ``step`` of sft or reward."""
+    return textwrap.dedent(
+        f"""
+        import os, sys
+        from tether.trainers.common import StepCheckpoints
+        real = StepCheckpoints.after_step
+        def after_step(self, step, *args):
+            if step == {step}:
+                os.kill(os.getpid(), {int(sig)})
+            real(self, step, *args)
+        StepCheckpoints.after_step = after_step
+        from tether.cli import main
+        main(sys.argv[1:])
+        """
+    )
+
+
+def run_to_end(*args, code=None) -> tuple[int, str]:
+    """(exit status, stderr) of a `tether` process run to its end."""
+    proc = start(*args, code=code)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def step_trainers(tmp_path_factory, policy_dir):
+    """Data and argument lists for short `tether sft` and `tether reward` runs, and their uninterrupted results."""
+    root = tmp_path_factory.mktemp("resume_steps")
+    write_jsonl(
+        root / "sft.jsonl", [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(6) for b in range(6)]
+    )
+    pairs = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(6) for b in range(6)
+    ]
+    write_jsonl(root / "pairs.jsonl", pairs)
+    common = ["model.device=cpu", "logging.print_every=0"]
+    args = {
+        "sft": lambda d: [
+            "sft",
+            f"model.policy={policy_dir}",
+            f"sft.data={root / 'sft.jsonl'}",
+            "sft.steps=25",
+            "sft.batch_size=4",
+            "sft.warmup_steps=3",
+            "sft.save_every=4",
+            *common,
+            f"output_dir={d}",
+        ],
+        "reward": lambda d: [
+            "reward",
+            f"model.policy={policy_dir}",
+            f"reward.data={root / 'pairs.jsonl'}",
+            "reward.batch_size=8",
+            "reward.epochs=3",
+            "reward.save_every=3",
+            *common,
+            f"output_dir={d}",
+        ],
+    }
+    for command, make in args.items():
+        code, err = run_to_end(*make(root / f"{command}_uninterrupted"))
+        assert code == 0, err
+    return root, args
+
+
+@pytest.mark.parametrize("command,kill_step,save_every", [("sft", 11, 4), ("reward", 7, 3)])
+def test_sft_and_reward_killed_between_checkpoints_resume_exactly(step_trainers, command, kill_step, save_every):
+    root, args = step_trainers
+    run_dir = root / f"{command}_killed"
+    code, _ = run_to_end(*args[command](run_dir), code=signal_at_step(kill_step, signal.SIGKILL))
+    assert code == -signal.SIGKILL
+    newest = list_checkpoints(run_dir / "checkpoints")[-1].name
+    assert newest == f"step_{kill_step // save_every * save_every:06d}"
+    code, err = run_to_end(command, "--resume", str(run_dir))
+    assert code == 0, err
+    metrics, weights = results(run_dir)
+    ref_metrics, ref_weights = results(root / f"{command}_uninterrupted")
+    assert metrics == ref_metrics  # every value, to the last digit; rows logged after the checkpoint not repeated
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def test_sft_sigterm_checkpoints_and_says_how_to_resume(step_trainers):
+    root, args = step_trainers
+    run_dir = root / "sft_terminated"
+    code, err = run_to_end(*args["sft"](run_dir), code=signal_at_step(6, signal.SIGTERM))
+    assert code == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == (
+        f"tether: SIGTERM at sft step 6: checkpoint written; resume with: tether sft --resume {run_dir}"
+    )
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_000006"]  # only the newest kept
+    code, err = run_to_end("reward", "--resume", str(run_dir))
+    assert code == 2 and "checkpoints are from `tether sft`, not `tether reward`" in err

@@ -1,10 +1,10 @@
 """Checkpoints: safetensors and JSON only (no pickle), written to a temporary folder and renamed into place.
 
 Layout of ``<run>/checkpoints/step_000100/``:
-- ``policy/``: ``save_pretrained`` folder (config, model.safetensors, tokenizer) loadable by transformers
+- ``policy/`` (PPO): ``save_pretrained`` folder (config, model.safetensors, tokenizer) loadable by transformers
   (a LoRA policy is merged; its adapter is in ``trainable.safetensors``);
-- ``trainable.safetensors``: every trained tensor of the policy and value model, exactly as trained (resume and
-  rollback load it in place, whatever the architecture);
+- ``trainable.safetensors``: every trained tensor (PPO: policy and value model; SFT: the policy; reward: the reward
+  model), exactly as trained (resume and rollback load it in place, whatever the architecture);
 - ``optimizer.safetensors``: optimizer moments plus every RNG state (torch, CUDA, the data-order generator);
 - ``trainer_state.json``: iteration, optimizer step, KL controller, score normaliser, data position, python RNG,
   the resolved config. Written last; a folder is a checkpoint only once renamed from ``*.tmp`` to ``step_*``.
@@ -48,6 +48,11 @@ def checkpoint_step(path: Path) -> int:
     return int(STEP_PATTERN.fullmatch(Path(path).name).group(1))
 
 
+def checkpoint_command(path: Path) -> str:
+    """The command that wrote a checkpoint: ``ppo``, ``sft`` or ``reward``."""
+    return json.loads((Path(path) / STATE_FILE).read_text()).get("command", "ppo")
+
+
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into flat tensors (for safetensors) and JSON metadata."""
     state = optimizer.state_dict()
@@ -89,8 +94,13 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generator: torch
         torch.cuda.set_rng_state_all(cuda)
     if generator is not None and "rng.data" in tensors:
         generator.set_state(tensors["rng.data"])
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(python_rng_state(meta["python"]))
+
+
+def python_rng_state(saved: list) -> tuple:
+    """A ``random.getstate()`` tuple back from its JSON form (lists instead of tuples)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def trainable_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -98,15 +108,20 @@ def trainable_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, actor_critic, tokenizer, optimizer, state: dict, generator=None) -> Path:
-    """Write a complete checkpoint atomically: a crash at any moment never leaves a folder that loads as one."""
+def save_checkpoint(
+    path: Path, trained: torch.nn.Module, optimizer, state: dict, generator=None, policy=None, tokenizer=None
+) -> Path:
+    """Write a complete checkpoint of ``trained`` (its trained tensors), ``optimizer``, the RNGs and ``state``
+    atomically: a crash at any moment never leaves a folder that loads as one. With ``policy`` and ``tokenizer``,
+    also a transformers folder ``policy/`` one can sample from."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_policy(actor_critic.policy).save_pretrained(tmp / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
-    save_file(trainable_tensors(actor_critic), tmp / TRAINABLE_FILE)
+    if policy is not None:
+        export_policy(policy).save_pretrained(tmp / "policy", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "policy")
+    save_file(trainable_tensors(trained), tmp / TRAINABLE_FILE)
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     rng_tensors, rng_meta = rng_state(generator)
     save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
@@ -122,18 +137,18 @@ def save_checkpoint(path: Path, actor_critic, tokenizer, optimizer, state: dict,
     return path
 
 
-def load_training_state(path: Path, actor_critic, optimizer, generator=None, restore_rng: bool = True) -> dict:
+def load_training_state(path: Path, trained, optimizer, generator=None, restore_rng: bool = True) -> dict:
     """Restore trained weights (in place, on their device), optimizer moments and RNG; returns trainer_state.json."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     weights = load_file(path / TRAINABLE_FILE)
-    names = {n for n, p in actor_critic.named_parameters() if p.requires_grad}
+    names = {n for n, p in trained.named_parameters() if p.requires_grad}
     if set(weights) != names:
         missing, extra = sorted(names - set(weights))[:3], sorted(set(weights) - names)[:3]
         raise TetherError(
             f"checkpoint '{path}': trained weights do not match this model (missing {missing}, extra {extra})"
         )
-    params = dict(actor_critic.named_parameters())
+    params = dict(trained.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)

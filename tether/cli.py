@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("-h", "--help", action="store_true", help="list every config field with one line each")
         p.add_argument("--config", help="YAML file of config sections")
-        if name == "ppo":
+        if name != "demo":
             p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest checkpoint")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as ppo.clip_range=0.1")
     p = sub.add_parser("sample", help=DESCRIPTIONS["sample"], description=DESCRIPTIONS["sample"])
@@ -92,7 +92,7 @@ def run(argv: list[str]) -> int:
     if args.command == "sample":
         return _sample(args)
     if args.help:
-        resume = " | --resume RUN" if args.command == "ppo" else ""
+        resume = "" if args.command == "demo" else " | --resume RUN"
         print(f"usage: tether {args.command} [--config FILE.yaml{resume}] [section.field=value ...]\n")
         print(DESCRIPTIONS[args.command] + "\n\nconfig fields (default, meaning):")
         print(help_text(_base_config(args.command), SECTIONS[args.command]))
@@ -101,11 +101,12 @@ def run(argv: list[str]) -> int:
     from tether.trainers.common import make_run_dir, seed_everything
 
     if getattr(args, "resume", None):
-        return _resume(args, list(args.overrides) + extra)
-    config = build_config(args.config, list(args.overrides) + extra, base=_base_config(args.command))
-    run_dir = make_run_dir(config, args.command)
+        config, run_dir, resume_from = _resume(args, list(args.overrides) + extra)
+    else:
+        config = build_config(args.config, list(args.overrides) + extra, base=_base_config(args.command))
+        run_dir, resume_from = make_run_dir(config, args.command), None
+        print(f"run folder: {run_dir}")
     seed_everything(config.seed)
-    print(f"run folder: {run_dir}")
     if args.command == "demo":
         from tether.demo.pipeline import run_demo
 
@@ -113,24 +114,24 @@ def run(argv: list[str]) -> int:
     elif args.command == "sft":
         from tether.trainers.sft import train_sft
 
-        path = train_sft(config, run_dir)
+        path = train_sft(config, run_dir, resume_from=resume_from)
         _plot(run_dir, ["sft/loss", "sft/token_accuracy", "sft/lr"])
         print(f"model: {path}")
     elif args.command == "reward":
         from tether.trainers.reward import train_reward
 
-        path, _ = train_reward(config, run_dir)
+        path, _ = train_reward(config, run_dir, resume_from=resume_from)
         _plot(run_dir, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_accuracy", "rm/eval_margin"])
         print(f"model: {path}")
     elif args.command == "ppo":
-        _ppo(config, run_dir)
+        _ppo(config, run_dir, resume_from)
     return 0
 
 
-def _resume(args, overrides: list[str]) -> int:
-    """``tether ppo --resume RUN``: RUN's saved config (plus any overrides), from RUN's newest complete checkpoint."""
-    from tether.checkpoint import clean_partial, list_checkpoints
-    from tether.trainers.common import seed_everything
+def _resume(args, overrides: list[str]) -> tuple[RunConfig, Path, Path]:
+    """``tether CMD --resume RUN``: RUN's saved config (plus any overrides) and its newest complete checkpoint."""
+    from tether.checkpoint import checkpoint_command, clean_partial
+    from tether.trainers.common import newest_checkpoint
 
     run_dir = Path(args.resume)
     if not (run_dir / "config.yaml").is_file():
@@ -139,15 +140,18 @@ def _resume(args, overrides: list[str]) -> int:
         raise TetherError("--resume takes the run's own config.yaml; give changes as overrides instead of --config")
     config = build_config(run_dir / "config.yaml", overrides)
     clean_partial(run_dir / "checkpoints")
-    found = list_checkpoints(run_dir / "checkpoints")
-    if not found:
+    found = newest_checkpoint(run_dir)
+    if found is None:
         raise TetherError(
             f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; start it again"
         )
-    seed_everything(config.seed)
-    print(f"run folder: {run_dir} (resuming from {found[-1].name})")
-    _ppo(config, run_dir, resume_from=found[-1])
-    return 0
+    made_by = checkpoint_command(found)
+    if made_by != args.command:
+        raise TetherError(
+            f"--resume {run_dir}: its checkpoints are from `tether {made_by}`, not `tether {args.command}`"
+        )
+    print(f"run folder: {run_dir} (resuming from {found.name})")
+    return config, run_dir, found
 
 
 def _ppo(config: RunConfig, run_dir: Path, resume_from: Path | None = None) -> None:

@@ -83,6 +83,8 @@ class SFTConfig:
     """AdamW weight decay."""
     max_length: int = 128
     """Prompt + response tokens kept per example."""
+    save_every: int = 0
+    """Write a checkpoint (for `tether sft --resume RUN`) every this many steps; 0 = only on SIGINT/SIGTERM."""
 
 
 @dataclass
@@ -107,6 +109,8 @@ class RewardConfig:
     """Weight of mean((r_chosen + r_rejected)^2), which keeps scores centred (0 = off)."""
     max_length_gap: int | None = None
     """Length-balanced training: keep pairs with |len(chosen) - len(rejected)| below this many tokens (none = all)."""
+    save_every: int = 0
+    """Write a checkpoint (for `tether reward --resume RUN`) every this many steps; 0 = only on SIGINT/SIGTERM."""
 
 
 @dataclass

@@ -13,11 +13,14 @@ class TetherError(Exception):
 class Interrupted(TetherError):
     """A run stopped by SIGINT or SIGTERM after writing a checkpoint; the message says how to resume it."""
 
-    def __init__(self, signum: int, iteration: int, run_dir):
+    def __init__(self, signum: int, where: str, command: str, run_dir):
         import signal
 
         name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} at iteration {iteration}: checkpoint written; resume with: tether ppo --resume {run_dir}"
-        )
+        super().__init__(f"{name} at {where}: checkpoint written; resume with: tether {command} --resume {run_dir}")
         self.exit_code = 128 + signum
+
+
+class GuardStop(TetherError):
+    """A guard (``kl_stop``) restored the last stable checkpoint and stopped training: the legacy API's ``step``
+    raises it, as the tutorial's loop breaks out after ``load_state_dict(last_stable_checkpoint)``."""

@@ -1,4 +1,5 @@
-"""What every trainer shares: seeding, the run folder, learning-rate schedules, progress bars, model saving."""
+"""What every trainer shares: seeding, the run folder, learning-rate schedules, progress bars, model saving, and the
+checkpoints of the step-counted trainers (SFT, reward model)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from tether.checkpoint import list_checkpoints, load_training_state, prune_checkpoints, save_checkpoint, step_dir
 from tether.config import RunConfig, to_dict
-from tether.errors import TetherError
+from tether.errors import Interrupted, TetherError
 from tether.models import export_policy
 from tether.precision import state_dict_in
+from tether.tracking import truncate_metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -125,3 +128,40 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
     """Index tensors of a fresh random permutation of range(n), cut into ``batch_size`` pieces."""
     order = torch.randperm(n, generator=generator)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class StepCheckpoints:
+    """Checkpoints of a step-counted trainer (``tether sft``, ``tether reward``) under ``<run>/checkpoints``.
+
+    :meth:`after_step` writes one every ``save_every`` optimizer steps and when SIGINT/SIGTERM asked to stop (then
+    raises :class:`Interrupted`); only the newest is kept. :meth:`resume` loads one so the run continues exactly:
+    weights, optimizer, every RNG, the trainer's own ``state`` (e.g. its data order), metrics after it dropped.
+    """
+
+    def __init__(self, command: str, run_dir: Path, config: RunConfig, model, optimizer, save_every: int):
+        self.command, self.run_dir, self.config = command, Path(run_dir), config
+        self.model, self.optimizer, self.save_every = model, optimizer, save_every
+        self.root = self.run_dir / "checkpoints"
+
+    def resume(self, path: Path) -> dict:
+        """Restore the checkpoint at ``path``; returns its state (``state["step"]``: optimizer steps done)."""
+        state = load_training_state(path, self.model, self.optimizer)
+        truncate_metrics(self.run_dir / "metrics.jsonl", state["step"] - 1)  # rows are logged at 0-based steps
+        return state
+
+    def after_step(self, step: int, total: int, stop: list[int], state: dict) -> None:
+        """``step`` optimizer steps of ``total`` are done: write a checkpoint with ``state`` if one is due or a
+        signal asked to stop (then raise :class:`Interrupted`)."""
+        due = self.save_every and step % self.save_every == 0 and step < total
+        if due or stop:
+            meta = {"command": self.command, "step": step, **state, "config": to_dict(self.config)}
+            save_checkpoint(step_dir(self.root, step), self.model, self.optimizer, meta)
+            prune_checkpoints(self.root, keep=1)
+        if stop:
+            raise Interrupted(stop[0], f"{self.command} step {step}", self.command, self.run_dir)
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None

@@ -304,7 +304,7 @@ class PPOTrainer:
                     self.events.append({"iteration": self.iteration, "kind": "interrupted", "signal": stop[0]})
                     self.save(checkpoints)
                     write_summary(run_dir, self.summary(stats))
-                    raise Interrupted(stop[0], self.iteration, run_dir)
+                    raise Interrupted(stop[0], f"iteration {self.iteration}", "ppo", run_dir)
         if not stats:  # resumed after the last iteration: its metrics are the file's last row
             stats = {k: v for k, v in (read_metrics(logger.path) or [{}])[-1].items() if k != "step"}
         write_summary(run_dir, self.summary(stats))
@@ -348,12 +348,13 @@ class PPOTrainer:
         """Load the newest stable checkpoint's weights, optimizer, KL controller and score normaliser (not the RNG
         or the data position), then stop or continue with a lower learning rate (``ppo.kl_stop_action``)."""
         stable = self.guards.last_stable
-        path = step_dir(checkpoints, stable) if stable is not None else None
+        path = step_dir(checkpoints, stable) if stable is not None and checkpoints is not None else None
         if path is None or not path.is_dir():
-            found = list_checkpoints(checkpoints)
+            found = list_checkpoints(checkpoints) if checkpoints is not None else []
             path = found[0] if found else None
         if path is None:
-            raise TetherError(f"{decision.evidence}, and no checkpoint to restore under {checkpoints}")
+            where = f" under {checkpoints}" if checkpoints is not None else ""
+            raise TetherError(f"{decision.evidence}, and no checkpoint to restore{where}")
         self.restore(path, full=False)
         self.guards.rollbacks += 1
         self.guards.bad_steps = 0
@@ -381,6 +382,7 @@ class PPOTrainer:
     def save(self, root: Path) -> Path:
         """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit."""
         state = {
+            "command": "ppo",
             "iteration": self.iteration,
             "update_index": self.update_index,
             "kl_ctl": self.kl_ctl.state_dict(),
@@ -394,7 +396,13 @@ class PPOTrainer:
             "config": to_dict(self.config),
         }
         path = save_checkpoint(
-            step_dir(root, self.iteration), self.actor_critic, self.tokenizer, self.optimizer, state, self.generator
+            step_dir(root, self.iteration),
+            self.actor_critic,
+            self.optimizer,
+            state,
+            self.generator,
+            policy=self.actor_critic.policy,
+            tokenizer=self.tokenizer,
         )
         self.saved_at = self.iteration
         prune_checkpoints(root, self.config.ppo.keep_checkpoints, protect=self.guards.last_stable)

@@ -20,7 +20,8 @@ from tether.data import preference_batch, read_records
 from tether.errors import TetherError
 from tether.models import load_tokenizer, new_scalar_model, sequence_scores
 from tether.precision import Placement
-from tether.trainers.common import lr_factor, progress, save_model, set_lr
+from tether.checkpoint import python_rng_state
+from tether.trainers.common import StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
 from tether.tracking import MetricLogger
 
 
@@ -73,8 +74,11 @@ def split_pairs(records: list[dict], eval_fraction: float, seed: int) -> tuple[l
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, dict]:
-    """Train a reward model on ``config.reward.data``; returns (model folder, held-out metrics)."""
+def train_reward(config: RunConfig, run_dir: Path, echo=print, resume_from: Path | None = None) -> tuple[Path, dict]:
+    """Train a reward model on ``config.reward.data``; returns (model folder, held-out metrics).
+
+    Checkpoints every ``reward.save_every`` steps and on SIGINT/SIGTERM; ``resume_from`` continues from one exactly.
+    """
     cfg = config.reward
     init = cfg.init or config.model.policy
     if init == "tiny":
@@ -83,59 +87,74 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print) -> tuple[Path, di
             "folder (set reward.init or model.policy, e.g. to runs/sft-.../model)"
         )
     placement = Placement.from_config(config.model)
-    records = read_records(cfg.data, ("prompt", "chosen", "rejected"))
-    train, held_out = split_pairs(records, cfg.eval_fraction, config.seed)
+    train, held_out = split_pairs(
+        read_records(cfg.data, ("prompt", "chosen", "rejected")), cfg.eval_fraction, config.seed
+    )
     tokenizer = load_tokenizer(config.model.tokenizer or init, config.model.trust_remote_code)
-    total = len(train)
-    if cfg.max_length_gap is not None:  # only training pairs: the held-out set stays the same for comparison
-        rule = f"|len(chosen) - len(rejected)| < {cfg.max_length_gap} tokens"
-        train = length_balanced(tokenizer, train, cfg.max_length_gap)
-        if not train:
-            raise TetherError(
-                f"reward.max_length_gap={cfg.max_length_gap}: none of the {total} training pairs has {rule}; "
-                "raise it or set it to none"
-            )
-        echo(f"reward.max_length_gap={cfg.max_length_gap}: kept {len(train)} of {total} training pairs ({rule})")
-    pair_counts = {"rm/pairs_kept": len(train), "rm/pairs_total": total}
+    train, pair_counts = balance_pairs(tokenizer, train, cfg.max_length_gap, echo)
     model = new_scalar_model(init, placement.trained_dtype, config.model.trust_remote_code)
     model = placement.trained(model, cfg.lr)
     model.config.pad_token_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    checkpoints = StepCheckpoints("reward", run_dir, config, model, optimizer, cfg.save_every)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
+    # ``order`` is reshuffled in place at each epoch's start (so each epoch's order depends on the previous one)
+    rng, order, first, held = random.Random(config.seed), list(range(len(train))), 0, None
+    if resume_from is not None:
+        state = checkpoints.resume(resume_from)
+        first, order = state["step"], state["order"]
+        rng.setstate(python_rng_state(state["shuffle_rng"]))
     logger = MetricLogger.from_config(run_dir, config, echo)
-    rng, bar, start, step = random.Random(config.seed), progress(total, "reward"), time.time(), 0
-    for _epoch in range(cfg.epochs):
-        rng.shuffle(train)
-        for i in range(0, len(train), cfg.batch_size):
-            model.train()
-            set_lr(optimizer, cfg.lr * lr_factor("linear", step, total))
-            chosen, rejected = pair_scores(model, tokenizer, train[i : i + cfg.batch_size], cfg.max_length, placement)
-            loss, stats = pairwise_reward_loss(chosen, rejected)
-            if cfg.center_coef:
-                loss = loss + cfg.center_coef * ((chosen + rejected) ** 2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+    bar, start = progress(total, "reward", initial=first), time.time()
+    with stop_requests() as stop, logger, bar:
+        for step in range(first, total):
+            index = step % steps_per_epoch
+            if index == 0:
+                rng.shuffle(order)
+            batch = [train[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
+            stats = reward_step(model, optimizer, tokenizer, batch, cfg, placement, step, total)
             bar.update(1)
             if step % 10 == 0:
-                logger.log(
-                    {
-                        "rm/loss": loss.item(),
-                        "rm/accuracy": stats["accuracy"].item(),
-                        "rm/margin": stats["margin"].item(),
-                        "time/elapsed": time.time() - start,
-                    },
-                    step,
-                )
-            step += 1
+                logger.log(stats | {"time/elapsed": time.time() - start}, step)
+            if index == steps_per_epoch - 1:  # the epoch's end: held-out metrics, logged at its last step
+                held = evaluate_pairs(model, tokenizer, held_out, cfg.max_length, placement)
+                logger.log({**{f"rm/eval_{k}": v for k, v in held.items()}, **pair_counts}, step)
+            checkpoints.after_step(step + 1, total, stop, {"order": order, "shuffle_rng": rng.getstate()})
+    if held is None:  # resumed from a checkpoint written after the last step
         held = evaluate_pairs(model, tokenizer, held_out, cfg.max_length, placement)
-        logger.log({**{f"rm/eval_{k}": v for k, v in held.items()}, **pair_counts}, step)
-    bar.close()
-    logger.close()
     echo(
         f"reward model: held-out accuracy {held['accuracy']:.3f}, margin {held['margin']:.3f}, "
         f"score-length correlation {held['length_corr']:+.2f} on {len(held_out)} pairs"
     )
     return save_model(model, tokenizer, run_dir / "model", placement.dtype), held
+
+
+def balance_pairs(tokenizer, train: list[dict], max_gap: int | None, echo=print) -> tuple[list[dict], dict]:
+    """The training pairs ``reward.max_length_gap`` keeps (all when it is None), and the ``rm/pairs_*`` counts."""
+    total = len(train)
+    if max_gap is not None:  # only training pairs: the held-out set stays the same for comparison
+        rule = f"|len(chosen) - len(rejected)| < {max_gap} tokens"
+        train = length_balanced(tokenizer, train, max_gap)
+        if not train:
+            raise TetherError(
+                f"reward.max_length_gap={max_gap}: none of the {total} training pairs has {rule}; "
+                "raise it or set it to none"
+            )
+        echo(f"reward.max_length_gap={max_gap}: kept {len(train)} of {total} training pairs ({rule})")
+    return train, {"rm/pairs_kept": len(train), "rm/pairs_total": total}
+
+
+def reward_step(model, optimizer, tokenizer, batch, cfg, placement: Placement, step: int, total: int) -> dict:
+    """One optimizer step of the pairwise loss (plus the centring term); returns its ``rm/*`` metrics."""
+    model.train()
+    set_lr(optimizer, cfg.lr * lr_factor("linear", step, total))
+    chosen, rejected = pair_scores(model, tokenizer, batch, cfg.max_length, placement)
+    loss, stats = pairwise_reward_loss(chosen, rejected)
+    if cfg.center_coef:
+        loss = loss + cfg.center_coef * ((chosen + rejected) ** 2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return {"rm/loss": loss.item(), "rm/accuracy": stats["accuracy"].item(), "rm/margin": stats["margin"].item()}

@@ -18,7 +18,8 @@ from tether.config import RunConfig
 from tether.data import read_records, sft_batch
 from tether.models import char_tokenizer, load_causal_lm, load_tokenizer, model_inputs, tiny_config
 from tether.precision import Placement
-from tether.trainers.common import lr_factor, progress, save_model, set_lr
+from tether.checkpoint import python_rng_state
+from tether.trainers.common import StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
 from tether.tracking import MetricLogger
 
 
@@ -43,43 +44,41 @@ def sft_loss(policy, ids, attention_mask, loss_mask, fill_id: int):
     return masked_mean(nll, mask), accuracy
 
 
-def train_sft(config: RunConfig, run_dir: Path, echo=print) -> Path:
-    """Fine-tune the policy on ``config.sft.data``; returns the saved model folder ``<run_dir>/model``."""
+def train_sft(config: RunConfig, run_dir: Path, echo=print, resume_from: Path | None = None) -> Path:
+    """Fine-tune the policy on ``config.sft.data``; returns the saved model folder ``<run_dir>/model``.
+
+    Checkpoints every ``sft.save_every`` steps and on SIGINT/SIGTERM; ``resume_from`` continues from one exactly.
+    """
     cfg = config.sft
     placement = Placement.from_config(config.model)
     records = read_records(cfg.data, ("prompt", "response"))
     policy, tokenizer = initial_policy(config, [r["prompt"] + r["response"] for r in records], placement.trained_dtype)
     policy = placement.trained(policy, cfg.lr).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    rng = random.Random(config.seed)
+    checkpoints = StepCheckpoints("sft", run_dir, config, policy, optimizer, cfg.save_every)
+    rng, first = random.Random(config.seed), 0
+    if resume_from is not None:
+        state = checkpoints.resume(resume_from)
+        first = state["step"]
+        rng.setstate(python_rng_state(state["sample_rng"]))
     logger = MetricLogger.from_config(run_dir, config, echo)
-    bar = progress(cfg.steps, "sft")
-    start = time.time()
-    for step in range(cfg.steps):
-        set_lr(optimizer, cfg.lr * lr_factor("cosine", step, cfg.steps, cfg.warmup_steps))
-        batch = [
-            placement.move(t)
-            for t in sft_batch(tokenizer, rng.sample(records, min(cfg.batch_size, len(records))), cfg.max_length)
-        ]
-        with placement.autocast():  # bf16 forward; sft_loss takes float32 logits
-            loss, accuracy = sft_loss(policy, *batch, fill_id=tokenizer.eos_token_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        bar.update(1)
-        if step % 10 == 0 or step == cfg.steps - 1:
-            logger.log(
-                {
-                    "sft/loss": loss.item(),
-                    "sft/token_accuracy": accuracy.item(),
-                    "sft/grad_norm": grad_norm.item(),
-                    "sft/lr": optimizer.param_groups[0]["lr"],
-                    "time/elapsed": time.time() - start,
-                },
-                step,
-            )
-    bar.close()
-    logger.close()
+    bar, start = progress(cfg.steps, "sft", initial=first), time.time()
+    with stop_requests() as stop, logger, bar:
+        for step in range(first, cfg.steps):
+            set_lr(optimizer, cfg.lr * lr_factor("cosine", step, cfg.steps, cfg.warmup_steps))
+            examples = rng.sample(records, min(cfg.batch_size, len(records)))
+            batch = [placement.move(t) for t in sft_batch(tokenizer, examples, cfg.max_length)]
+            with placement.autocast():  # bf16 forward; sft_loss takes float32 logits
+                loss, accuracy = sft_loss(policy, *batch, fill_id=tokenizer.eos_token_id)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            bar.update(1)
+            if step % 10 == 0 or step == cfg.steps - 1:
+                stats = {"sft/loss": loss.item(), "sft/token_accuracy": accuracy.item(), "sft/grad_norm": grad_norm}
+                stats |= {"sft/lr": optimizer.param_groups[0]["lr"], "time/elapsed": time.time() - start}
+                logger.log({k: float(v) for k, v in stats.items()}, step)
+            checkpoints.after_step(step + 1, cfg.steps, stop, {"sample_rng": rng.getstate()})
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     return save_model(policy, tokenizer, run_dir / "model", placement.dtype)
