@@ -67,7 +67,9 @@ def test_field_errors_name_file_and_row(tmp_path, kind):
     )
     read_records(path, ("prompt", "response"))
     path = make([{"prompt": 1}, {"prompt": 2}], "ints")
-    with pytest.raises(TetherError, match=rf"^{path}: row 1: field 'prompt' must be a string$"):
+    with pytest.raises(
+        TetherError, match=rf"^{path}: row 1: field 'prompt' must be a string or a list of .* messages$"
+    ):
         read_records(path, ("prompt",))
     if kind == "parquet":  # (datasets itself cannot load_from_disk an empty saved dataset)
         path = make([{"prompt": "a"}], "empty")

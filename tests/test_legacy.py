@@ -239,6 +239,136 @@ def test_generate_one_response_per_query_stopping_at_eos(policy_dir, user_tokeni
         trainer.generate(queries, repetition_penalty=1.2)
 
 
+def boost(model, token_id, amount):
+    """Add ``amount`` to ``token_id``'s logit in every forward of ``model``; returns the hook handle."""
+    head = model.get_output_embeddings()
+    return head.register_forward_hook(
+        lambda m, i, out: out + amount * torch.nn.functional.one_hot(torch.tensor(token_id), out.shape[-1])
+    )
+
+
+def test_generate_accepts_trl_classic_generation_kwargs(policy_dir, user_tokenizer):
+    trainer = make_trainer(policy_dir, user_tokenizer)
+    queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "12+1=", "7*7="])
+    generation_kwargs = {  # TRL's gpt2-sentiment example, verbatim
+        "min_length": -1,
+        "top_k": 0.0,
+        "top_p": 1.0,
+        "do_sample": True,
+        "pad_token_id": user_tokenizer.eos_token_id,
+        "max_new_tokens": 32,
+    }
+    drawn = []
+
+    def length_sampler():
+        drawn.append(len(drawn) + 2)
+        return drawn[-1]
+
+    response, ref_response = trainer.generate(
+        queries,
+        return_prompt=False,
+        length_sampler=length_sampler,
+        generate_ref_response=True,
+        batch_size=16,
+        **generation_kwargs,
+    )
+    assert drawn == [2, 3]  # one draw per batch of 16, for the policy and then the reference
+    assert len(response) == len(ref_response) == len(queries)
+    assert all(1 <= len(r) <= 2 for r in response) and all(1 <= len(r) <= 3 for r in ref_response)
+    ignored = dict(use_cache=True, synced_gpus=False, output_scores=True, pad_to_multiple_of=8, remove_padding=True)
+    no_ops = dict(num_beams=1, num_return_sequences=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    out = trainer.generate(queries, max_new_tokens=3, return_dict_in_generate=False, **ignored, **no_ops)
+    assert all(torch.equal(r[: len(q)], q) and len(r) <= len(q) + 3 for q, r in zip(queries, out))
+
+
+def test_generate_top_k_as_float(policy_dir, user_tokenizer):
+    trainer = make_trainer(policy_dir, user_tokenizer)
+    queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9="])
+    assert len(trainer.generate(queries, top_k=0.0, max_new_tokens=4)) == 3  # 0.0: off, as in TRL's examples
+    greedy = trainer.generate(queries, do_sample=False, max_new_tokens=6)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.generate(queries, top_k=1.0, max_new_tokens=6), greedy))
+
+
+def test_generate_min_new_tokens_and_min_length(policy_dir, user_tokenizer):
+    trainer = make_trainer(policy_dir, user_tokenizer)
+    eos = user_tokenizer.eos_token_id
+    boost(trainer.model.pretrained_model, eos, 30.0)  # EOS is sampled whenever it is allowed
+    queries = encode(user_tokenizer, ["1+2=", "3*4=", "12+1=", "7*7="])
+    assert all(r.tolist() == [eos] for r in trainer.generate(queries, max_new_tokens=8, return_prompt=False))
+    out = trainer.generate(queries, max_new_tokens=8, min_new_tokens=3, return_prompt=False)
+    assert all(len(r) == 4 and r[-1] == eos and (r[:-1] != eos).all() for r in out)
+    # min_length counts the left-padded prompt too (as HF's did in TRL): batches 5 wide -> 9 - 5 = 4 new tokens
+    out = trainer.generate(queries, max_new_tokens=8, min_length=9, batch_size=4, return_prompt=False)
+    assert [len(r) for r in out] == [5] * 4
+    out = trainer.generate(queries, max_new_tokens=8, min_length=9, batch_size=1, return_prompt=False)
+    assert [len(r) for r in out] == [6, 6, 5, 6]  # each query alone: 9 - its own length
+
+
+def test_generate_stops_at_any_eos_token_id(policy_dir, user_tokenizer):
+    trainer = make_trainer(policy_dir, user_tokenizer)
+    eos, a = user_tokenizer.eos_token_id, user_tokenizer.convert_tokens_to_ids("a")
+    queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9="])
+    hook = boost(trainer.model.pretrained_model, a, 30.0)
+    assert all(len(r) == 6 for r in trainer.generate(queries, max_new_tokens=6, return_prompt=False))
+    for stop in ([eos, a], a):
+        assert all(r.tolist() == [a] for r in trainer.generate(queries, eos_token_id=stop, return_prompt=False))
+    hook.remove()
+    boost(trainer.model.pretrained_model, eos, 30.0)  # the tokenizer's EOS still stops (TRL cut responses at it)
+    assert all(r.tolist() == [eos] for r in trainer.generate(queries, eos_token_id=a, return_prompt=False))
+
+
+def test_generate_remove_padding_false_keeps_the_batch_padding(policy_dir, user_tokenizer):
+    trainer = make_trainer(policy_dir, user_tokenizer)
+    eos = user_tokenizer.eos_token_id
+    boost(trainer.model.pretrained_model, eos, 3.0)  # responses end at different lengths
+    queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "12+1=", "7*7=", "5-1="])
+    torch.manual_seed(0)
+    kept = trainer.generate(
+        queries, batch_size=6, max_new_tokens=8, remove_padding=False, pad_token_id=5, return_prompt=False
+    )
+    torch.manual_seed(0)
+    cut = trainer.generate(queries, batch_size=6, max_new_tokens=8, return_prompt=False)
+    assert len({len(r) for r in kept}) == 1 and len({len(r) for r in cut}) > 1  # one batch of 6, padded to one width
+    for k, c in zip(kept, cut):
+        assert torch.equal(k[: len(c)], c) and (k[len(c) :] == 5).all()
+
+
+def test_generate_ref_response_samples_the_reference(policy_dir, user_tokenizer):
+    trainer = make_trainer(policy_dir, user_tokenizer)
+    eos = user_tokenizer.eos_token_id
+    queries = encode(user_tokenizer, ["1+2=", "3*4=", "9-9=", "12+1=", "7*7="])
+    response, ref_response = trainer.generate(queries, do_sample=False, max_new_tokens=6, generate_ref_response=True)
+    assert all(torch.equal(a, b) for a, b in zip(response, ref_response))  # same weights, greedy: same responses
+    boost(trainer.core.reference, eos, 30.0)  # only the reference now ends at once
+    response, ref_response = trainer.generate(queries, max_new_tokens=6, generate_ref_response=True)
+    assert all(r[len(q) :].tolist() == [eos] for q, r in zip(queries, ref_response))
+    assert any(len(r) > len(q) + 1 for q, r in zip(queries, response))
+    single, single_ref = trainer.generate(queries[0], max_new_tokens=6, generate_ref_response=True)
+    assert single.shape[0] == single_ref.shape[0] == 1 and single_ref[0, -1] == eos
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"num_beams": 4}, "num_beams is not supported: beam search is not sampling"),
+        ({"num_return_sequences": 2}, "num_return_sequences is not supported: one response per query"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty is not supported: .*off-policy"),
+        ({"no_repeat_ngram_size": 3}, "no_repeat_ngram_size is not supported: .*off-policy"),
+        ({"return_dict_in_generate": True}, "return_dict_in_generate is not supported: .*token tensors only"),
+        ({"typical_p": 0.9, "max_length": 20}, "unsupported argument.s. max_length, typical_p; supported: max_new"),
+        ({"top_k": 2.5}, "top_k must be a whole number >= 0, got 2.5"),
+        ({"min_new_tokens": -1}, "min_new_tokens must be a whole number >= 0"),
+        ({"eos_token_id": [1, "a"]}, "eos_token_id must be a whole number"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+    ],
+)
+def test_generate_refuses_what_tether_cannot_do(policy_dir, user_tokenizer, kwargs, reason):
+    trainer = make_trainer(policy_dir, user_tokenizer)
+    with pytest.raises(TetherError, match=reason) as info:
+        trainer.generate(encode(user_tokenizer, ["1+2="]), **kwargs)
+    assert "\n" not in str(info.value)
+
+
 # ---- PPOTrainer.step -------------------------------------------------------------------------------------------
 def test_step_returns_legacy_stats_and_updates_model_in_place(policy_dir, user_tokenizer, device):
     trainer = make_trainer(policy_dir, user_tokenizer, device)

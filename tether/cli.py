@@ -31,8 +31,7 @@ DESCRIPTIONS = {
 
 
 def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF_HUB_OFFLINE is the user's: Hub names may download
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -72,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-chat-template", action="store_true", help="give the prompts as raw text, not as a user message"
+    )
     return parser
 
 
@@ -160,7 +162,7 @@ def _ppo(config: RunConfig, run_dir: Path, resume_from: Path | None = None) -> N
     from tether.trainers.ppo import PPOTrainer
     from tether.tracking import truncate_metrics
 
-    prompts = [r["prompt"] for r in read_records(config.ppo.prompts, ("prompt",))]
+    prompts = [r["prompt"] for r in read_records(config.ppo.prompts, ("prompt",))]  # strings or conversations
     trainer = PPOTrainer.from_config(config)
     if resume_from is not None:
         trainer.restore(resume_from)
@@ -184,18 +186,26 @@ def _sample(args) -> int:
     from tether.data import prompt_batch
     from tether.models import load_causal_lm, load_tokenizer
     from tether.rewards import decode_responses
-    from tether.rollout import Sampling, generate
+    from tether.rollout import Sampling, generate, stop_ids
 
     tokenizer = load_tokenizer(args.model)
     policy = load_causal_lm(args.model)
     torch.manual_seed(args.seed)
-    prompts = [p for p in args.prompts for _ in range(args.num)]
+    chat = bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
+    texts = [p for p in args.prompts for _ in range(args.num)]
+    prompts = [[{"role": "user", "content": p}] for p in texts] if chat else texts
     ids, mask = prompt_batch(tokenizer, prompts, 1024)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    resp, resp_mask = generate(policy, ids, mask, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    for prompt, text in zip(prompts, decode_responses(tokenizer, resp, resp_mask)):
-        print(f"{prompt}{text}")
+    stops = stop_ids(tokenizer, policy)
+    resp, resp_mask = generate(policy, ids, mask, sampling, stops, tokenizer.pad_token_id)
+    for i, (prompt, text) in enumerate(zip(texts, decode_responses(tokenizer, resp, resp_mask))):
+        print(("\n" if i else "") + _labelled("prompt", prompt) + "\n" + _labelled("answer", text.strip()))
     return 0
+
+
+def _labelled(label: str, text: str) -> str:
+    """``label: first line`` with the following lines indented under it."""
+    return f"{label}: " + text.replace("\n", "\n" + " " * (len(label) + 2))
 
 
 def main(argv: list[str] | None = None) -> None:

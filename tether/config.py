@@ -30,7 +30,7 @@ class ModelConfig:
     tokenizer: str = ""
     """Tokenizer folder; empty means the policy folder (or the built-in character tokenizer for 'tiny')."""
     reward_model: str = ""
-    """Reward model: a local sequence-classification folder, or a Python callable as 'module:function'."""
+    """Reward model: a sequence-classification folder, or a Python callable (module:function or file.py:function)."""
     value_model: Literal["head", "separate"] = "head"
     """Value model: a scalar 'head' on the policy trunk, or a 'separate' critic model."""
     value_init: str = ""
@@ -51,6 +51,8 @@ class ModelConfig:
     """Dropout on the LoRA adapter's input (0 keeps log-probs reproducible)."""
     lora_target_modules: str = ""
     """Comma-separated module names; empty = peft's default for the architecture."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (trained policy and separate critic): less memory, slower steps."""
 
 
 @dataclass
@@ -186,7 +188,7 @@ class PPOParams:
 @dataclass
 class LoggingConfig:
     print_every: int = 10
-    """Print a metrics line every this many steps."""
+    """Print a metrics line every this many steps (on a terminal, the live progress bar shows key metrics instead)."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
     wandb: bool = False

@@ -3,10 +3,13 @@
 :func:`read_records` also reads the same records from a Hugging Face ``datasets`` folder (``save_to_disk``) or a
 ``.parquet`` file (the optional ``data`` extra).
 
-Formats (one JSON object per line):
-- SFT:        {"prompt": "2+3=", "response": "5"}
+Formats (one JSON object per line), in TRL's conventions:
+- SFT:        {"prompt": "2+3=", "response": "5"}, or {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
 - preference: {"prompt": "2+3=", "chosen": "5", "rejected": "Sure! 6"}
 - prompts:    {"prompt": "2+3="}
+Every prompt may instead be a conversation, a list of ``{"role", "content"}`` messages, which is rendered with the
+tokenizer's chat template and its generation prompt; responses (``response``, ``chosen``, ``rejected``) may be
+strings or assistant messages.
 
 A sequence is ``tokenizer(prompt) + tokenizer(response, no special tokens) + EOS``; prompts are left-padded so that
 every response starts at the same column.
@@ -24,7 +27,8 @@ from tether.types import PreferenceBatch
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    """Read a JSONL file whose records each have the string fields ``required``; errors name file and line."""
+    """Read a JSONL file whose records each have the text fields ``required`` (a string or a list of messages);
+    errors name the file and line."""
     path = Path(path)
     if not str(path) or not path.is_file():
         raise TetherError(f"{path}: data file not found")
@@ -42,8 +46,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
             for name in required:
                 if name not in record:
                     raise TetherError(f"{path}:{lineno}: missing field '{name}'")
-                if not isinstance(record[name], str):
-                    raise TetherError(f"{path}:{lineno}: field '{name}' must be a string")
+                check_text(record[name], f"{path}:{lineno}: field '{name}'")
             records.append(record)
     if not records:
         raise TetherError(f"{path}: no records")
@@ -51,7 +54,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
 
 
 def read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    """Read records with the string fields ``required`` from JSONL, a ``datasets`` folder or a ``.parquet`` file.
+    """Read records with the text fields ``required`` from JSONL, a ``datasets`` folder or a ``.parquet`` file.
 
     The source is chosen from the path: a folder written by ``datasets.Dataset.save_to_disk`` (it holds
     ``dataset_info.json`` / ``state.json``, or ``dataset_dict.json`` for a one-split ``DatasetDict``) is read with
@@ -60,7 +63,7 @@ def read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
 
     Args:
         path: the JSONL file, parquet file or dataset folder.
-        required: field names every record must have as strings (e.g. ``("prompt", "response")``).
+        required: field names every record must have as text, a string or a list of messages (``("prompt",)``).
 
     Returns:
         The records as dicts (every column is kept, not only ``required``).
@@ -77,8 +80,7 @@ def read_records(path: str | Path, required: tuple[str, ...]) -> list[dict]:
             if record.get(name) is None:
                 columns = f" (columns: {', '.join(record)})" if name not in record else ""
                 raise TetherError(f"{path}: row {row_number}: missing field '{name}'{columns}")
-            if not isinstance(record[name], str):
-                raise TetherError(f"{path}: row {row_number}: field '{name}' must be a string")
+            check_text(record[name], f"{path}: row {row_number}: field '{name}'")
     if not rows:
         raise TetherError(f"{path}: no records")
     return rows
@@ -137,15 +139,64 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
-    """Prompt token ids (with the tokenizer's own special tokens), cut from the left to ``max_length``."""
-    ids = tokenizer(prompt)["input_ids"]
+def check_text(value, where: str) -> None:
+    """A text field is a string or a non-empty list of ``{"role": str, "content": str}`` messages."""
+    if isinstance(value, str) or is_conversation(value):
+        return
+    raise TetherError(f'{where} must be a string or a list of {{"role", "content"}} messages')
+
+
+def is_conversation(value) -> bool:
+    """True for a non-empty list of ``{"role": str, "content": str}`` messages."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """A prompt as the model reads it: a string as it is; a conversation through the tokenizer's chat template,
+    ending with the generation prompt (the assistant's turn opening)."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+        raise TetherError(f"a prompt is a list of messages, but {name} has no chat template; give prompts as strings")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def response_text(response) -> str:
+    """A response as text: a string, or the content of an assistant message (the last one of a list)."""
+    if isinstance(response, str):
+        return response
+    if response[-1]["role"] != "assistant":
+        raise TetherError(
+            f"a response given as messages must end with an assistant message, not '{response[-1]['role']}'"
+        )
+    return response[-1]["content"]
+
+
+def prompt_label(prompt) -> str:
+    """A short text for a prompt in logs and samples: the string, or the last message's content."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def encode_prompt(tokenizer, prompt, max_length: int) -> list[int]:
+    """Prompt token ids, cut from the left to ``max_length``: a string with the tokenizer's own special tokens, a
+    conversation rendered by :func:`render_prompt` (the template writes its own special tokens)."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     return ids[-max_length:]
 
 
-def encode_response(tokenizer, response: str) -> list[int]:
+def encode_response(tokenizer, response) -> list[int]:
     """Response token ids followed by EOS."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(response_text(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,17 +211,49 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def prompt_batch(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_batch(tokenizer, prompts: list, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (B, P)."""
     return left_pad([encode_prompt(tokenizer, p, max_length) for p in prompts], tokenizer.pad_token_id)
 
 
-def sequence_rows(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
+def sequence_rows(tokenizer, prompt, response, max_length: int) -> tuple[list[int], int]:
     """Token ids of prompt + response + EOS (cut to ``max_length`` from the left) and the prompt's token count."""
     prompt_ids = encode_prompt(tokenizer, prompt, max_length)
     response_ids = encode_response(tokenizer, response)
     ids = (prompt_ids + response_ids)[-max_length:]
     return ids, max(len(ids) - len(response_ids), 0)
+
+
+def sft_examples(records: list[dict], path) -> list[dict]:
+    """``{"prompt", "response"}`` records from SFT data in either form: prompt/response fields, or ``messages``
+    (a conversation whose last message is the assistant's answer, learned; the ones before it are the prompt)."""
+    examples = []
+    for n, record in enumerate(records, 1):
+        where = f"{path}: record {n}"
+        if "messages" in record:
+            messages = record["messages"]
+            check_text(messages, f"{where}: field 'messages'")
+            if isinstance(messages, str) or len(messages) < 2 or messages[-1]["role"] != "assistant":
+                raise TetherError(f"{where}: 'messages' must end with an assistant message that follows a prompt")
+            examples.append({"prompt": messages[:-1], "response": messages[-1]["content"]})
+            continue
+        for name in ("prompt", "response"):
+            if name not in record:
+                raise TetherError(f"{where}: missing field '{name}' (or give 'messages')")
+            check_text(record[name], f"{where}: field '{name}'")
+        examples.append({"prompt": record["prompt"], "response": response_text(record["response"])})
+    return examples
+
+
+def preference_pairs(records: list[dict], path) -> list[dict]:
+    """The pairs with ``chosen`` and ``rejected`` as text (assistant messages become their content)."""
+    pairs = []
+    for n, record in enumerate(records, 1):
+        try:
+            pairs.append(record | {side: response_text(record[side]) for side in ("chosen", "rejected")})
+        except TetherError as e:
+            raise TetherError(f"{path}: record {n}: {e}") from None
+    return pairs
 
 
 def sft_batch(tokenizer, records: list[dict], max_length: int):

@@ -9,7 +9,7 @@ from tether.data import prompt_batch
 from tether.models import gather_ids, response_logits
 from tether.precision import Placement
 from tether.rewards import decode_responses
-from tether.rollout import Sampling, generate
+from tether.rollout import Sampling, generate, is_stop, stop_ids
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def evaluate_policy(
     policy,
     reference,
     tokenizer,
-    prompts: list[str],
+    prompts: list,
     sampling: Sampling,
     *,
     placement: Placement,
@@ -36,13 +36,16 @@ def evaluate_policy(
     Prompts go to ``placement``'s device (where the models are) and forward passes run under its autocast.
     """
     torch.manual_seed(seed)
+    stops = stop_ids(tokenizer, policy)
     texts, rm, gold, kl, lengths, ended = [], [], [], [], [], []
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     for i in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[i : i + batch_size]
         prompt_ids, prompt_mask = map(placement.move, prompt_batch(tokenizer, chunk, max_prompt_length))
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        response_ids, response_mask = generate(policy, prompt_ids, prompt_mask, sampling, eos, pad, placement.autocast)
+        response_ids, response_mask = generate(
+            policy, prompt_ids, prompt_mask, sampling, stops, pad, placement.autocast
+        )
         ids = torch.cat([prompt_ids, response_ids], 1)
         mask = torch.cat([prompt_mask, response_mask], 1)
         p = prompt_ids.shape[1]
@@ -53,11 +56,11 @@ def evaluate_policy(
         logp, ref = logprobs_from_logits(logits, targets), logprobs_from_logits(ref_logits, targets)
         kl.append(((logp - ref) * response_mask).sum(-1))
         lengths.append(response_mask.sum(-1).float())
-        ended.append(((response_ids == eos) & (response_mask == 1)).any(-1).float())
+        ended.append((is_stop(response_ids, stops) & (response_mask == 1)).any(-1).float())
         responses = decode_responses(tokenizer, response_ids, response_mask)
         texts += responses
         if scorer is not None:
-            rm.append(scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer).float())
+            rm.append(scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer, prompts=chunk))
         if judge is not None:
             gold += list(judge(chunk, responses))
     result = {
@@ -67,7 +70,7 @@ def evaluate_policy(
         "samples": [{"prompt": p, "response": r} for p, r in zip(all_prompts, texts)],
     }
     if scorer is not None:
-        result["rm_score"] = torch.cat(rm).mean().item()
+        result["rm_score"] = torch.cat(rm).float().mean().item()
     if judge is not None:
         result["gold"] = sum(gold) / len(gold)
     return result

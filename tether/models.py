@@ -26,6 +26,7 @@ from transformers import (
 
 from tether.errors import TetherError
 from tether.precision import DTYPES, resolve_device  # noqa: F401  (resolve_device: kept importable from here)
+from tether.sources import resolve
 
 PAD_TOKEN = "<|pad|>"
 
@@ -57,27 +58,36 @@ def tiny_config(vocab_size: int, pad_token_id: int, eos_token_id: int, **overrid
     )
 
 
-def _check_folder(path: str, what: str) -> None:
+def _check_folder(path: str, what: str, shown: str | None = None) -> None:
+    """Raise unless ``path`` is a model folder (with a config.json); messages name ``shown`` (what the user wrote)."""
+    shown = shown or path
     if not Path(path).is_dir():
-        raise TetherError(f"{what} '{path}': no such folder")
+        raise TetherError(f"{what} '{shown}': no such folder")
     if not (Path(path) / "config.json").is_file():
-        raise TetherError(f"{what} '{path}': no config.json (expected a Hugging Face model folder)")
+        raise TetherError(f"{what} '{shown}': no config.json (expected a Hugging Face model folder)")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Load a tokenizer, padding on the left, with a pad token that is not EOS (added if missing)."""
-    if not Path(path).is_dir():
-        raise TetherError(f"tokenizer '{path}': no such folder")
+    """Load a tokenizer, padding on the left, with a pad token that is not EOS (added if missing).
+
+    ``path`` is a folder, a ``.gguf`` file or a Hugging Face repo id (see :mod:`tether.sources`).
+    """
+    source = resolve(path, "tokenizer", weights=False, trust_remote_code=trust_remote_code)
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise TetherError(f"tokenizer '{path}': {str(e).splitlines()[0]}") from None
+        tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **gguf)
+    except (OSError, ValueError, ImportError) as e:
+        raise TetherError(f"tokenizer '{path}': {_first_line(e)}") from None
     if tok.eos_token_id is None:
         raise TetherError(f"tokenizer '{path}': has no eos_token; set one in its tokenizer_config.json")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     tok.padding_side = "left"
     return tok
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -100,27 +110,70 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def enable_gradient_checkpointing(enabled: bool, *models: nn.Module | None) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them (model.gradient_checkpointing).
+
+    Non-reentrant checkpointing: it needs no input gradients (LoRA) and works under autocast and for the value head,
+    which reads the trunk's hidden states. It acts in train mode only, so generation (eval mode, KV cache) and
+    frozen copies run as before; training forwards pass ``use_cache=False`` themselves. ``None`` is skipped.
+    """
+    if not enabled:
+        return
+    for model in models:
+        if model is None:
+            continue
+        base = model.get_base_model() if is_peft_model(model) else model
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise TetherError(f"model.gradient_checkpointing: {type(base).__name__} does not support it")
+        enable = getattr(base, "activation_checkpointing_enable", None)  # its newer name (transformers >= 5.x)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _from_pretrained(
     auto_class, path: str, what: str, dtype: str | torch.dtype, trust_remote_code: bool, **kwargs
 ) -> nn.Module:
-    """``auto_class.from_pretrained`` from a local folder, safetensors only, dropout off; errors name ``what``."""
-    _check_folder(path, what)
+    """``auto_class.from_pretrained`` on what ``path`` names, dropout off; errors name ``what``.
+
+    A folder (local, or a Hub repo's snapshot) is read as safetensors only; a ``.gguf`` file is dequantised into
+    ``dtype`` (a plain model, saved later as an ordinary safetensors folder).
+    """
+    source = resolve(path, what, trust_remote_code=trust_remote_code)
+    if source.gguf_file:
+        kwargs.update(_gguf_kwargs(source.gguf_file))
+    else:
+        _check_folder(source.folder, what, shown=path)
+        kwargs["use_safetensors"] = True
     try:
         model = auto_class.from_pretrained(
-            path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+            source.folder, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
         )
-    except (OSError, ValueError) as e:
-        raise TetherError(f"{what} '{path}': {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, ImportError) as e:
+        raise TetherError(f"{what} '{path}': {_first_line(e)}") from None
     return disable_dropout(model)
 
 
+def _gguf_kwargs(gguf_file: str) -> dict:
+    """``from_pretrained`` arguments that read ``gguf_file`` and unpack every weight into a plain dense model.
+
+    Newer transformers otherwise keep GGUF weights packed (inference only, and ``save_pretrained`` refuses them).
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantise GGUF weights
+        return {"gguf_file": gguf_file}
+    return {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """Load a local causal-LM folder (safetensors weights) with dropout off."""
+    """Load a causal LM (a folder of safetensors weights, a ``.gguf`` file or a Hub repo id) with dropout off."""
     return _from_pretrained(AutoModelForCausalLM, path, "policy", dtype, trust_remote_code)
 
 
 def load_reward_model(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """Load a sequence-classification folder with one output (a reward model)."""
+    """Load a sequence-classification model with one output (a reward model): a folder or a Hub repo id."""
     model = _from_pretrained(AutoModelForSequenceClassification, path, "reward model", dtype, trust_remote_code)
     if model.config.num_labels != 1:
         raise TetherError(f"reward model '{path}': expected num_labels=1, found {model.config.num_labels}")
@@ -129,6 +182,8 @@ def load_reward_model(path: str, dtype: str | torch.dtype = "float32", trust_rem
 
 def new_scalar_model(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
     """A sequence-classification model with one output whose trunk is read from ``path`` (RM or critic init).
+
+    ``path`` is a folder, a ``.gguf`` file or a Hub repo id; a causal LM's head is dropped.
 
     A fresh head is drawn from N(0, 1/sqrt(d_model + 1)) (ppo_details #2).
     """

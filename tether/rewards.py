@@ -45,17 +45,24 @@ class RewardModelScorer:
         self.max_length = max_length
 
     @torch.no_grad()
-    def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None) -> torch.Tensor:
+    def __call__(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None, prompts=None
+    ) -> torch.Tensor:
         if self.rm_tokenizer is not None:
-            return self._score_text(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
+            return self._score_text(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer, prompts)
         ids = torch.cat([prompt_ids, response_ids], dim=1)
         mask = torch.cat([prompt_mask, response_mask], dim=1)
         with self.autocast():  # scores come out in float32
             return sequence_scores(self.model, ids, mask, self.fill_id)
 
-    def _score_text(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer) -> torch.Tensor:
+    def _score_text(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer, given) -> torch.Tensor:
+        """Re-encode for the reward model's own tokenizer: a conversation through its own chat template when it has
+        one; otherwise the prompt text as the policy read it."""
         prompts, responses = decode_texts(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask)
         rm_tok = self.rm_tokenizer
+        if given is not None:
+            templated = bool(getattr(rm_tok, "chat_template", None))
+            prompts = [g if isinstance(g, str) or templated else p for g, p in zip(given, prompts)]
         rows = [sequence_rows(rm_tok, p, r, self.max_length)[0] for p, r in zip(prompts, responses)]
         ids, mask = left_pad(rows, rm_tok.pad_token_id)
         device = response_ids.device
@@ -64,7 +71,8 @@ class RewardModelScorer:
 
 
 class FunctionScorer:
-    """Scores decoded text with a Python callable ``fn(prompts: list[str], responses: list[str]) -> scores``.
+    """Scores decoded text with a Python callable ``fn(prompts, responses: list[str]) -> scores``; the prompts are
+    as the data gave them (strings or lists of messages) when the caller passes them, else decoded text.
 
     A function that raises, or returns something that is not one number per response, is a one-line
     :class:`TetherError` naming it. A NaN or inf score is passed on as NaN: the PPO trainer's non-finite guard
@@ -75,8 +83,11 @@ class FunctionScorer:
         self.fn = fn
         self.name = name
 
-    def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None) -> torch.Tensor:
-        prompts, responses = decode_texts(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask)
+    def __call__(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=None, prompts=None
+    ) -> torch.Tensor:
+        decoded, responses = decode_texts(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask)
+        prompts = decoded if prompts is None else list(prompts)  # as the data gave them: strings or conversations
         where = f"reward function '{self.name}'"
         try:
             scores = self.fn(prompts, responses)
@@ -120,22 +131,46 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 
 
 def load_reward_function(spec: str) -> Callable:
-    """Import ``module:function`` (the module must be importable from the current directory or sys.path)."""
-    module_name, _, attr = spec.partition(":")
+    """Import ``module:function`` (importable from the current folder or sys.path), or ``path/to/file.py:function``."""
+    module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise TetherError(f"reward function '{spec}': expected 'module:function'")
-    import sys
+        raise TetherError(f"reward function '{spec}': expected 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        module = _module_from_file(spec, module_name)
+    else:
+        import sys
 
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TetherError(f"reward function '{spec}': cannot import module '{module_name}' ({e})") from None
+        if "" not in sys.path:
+            sys.path.insert(0, "")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise TetherError(f"reward function '{spec}': cannot import module '{module_name}' ({e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise TetherError(f"reward function '{spec}': '{attr}' is not a callable in '{module_name}'")
     return fn
+
+
+def _module_from_file(spec: str, path: str):
+    """Run a Python file as a module (its own folder importable while it loads)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise TetherError(f"reward function '{spec}': no such file '{path}'")
+    module_spec = importlib.util.spec_from_file_location(f"tether_reward_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file.resolve().parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: any error becomes one line naming it
+        raise TetherError(f"reward function '{spec}': loading '{path}' raised {_one_line(e)}") from None
+    finally:
+        sys.path.remove(str(file.resolve().parent))
+    return module
 
 
 class RunningMoments:

@@ -3,6 +3,7 @@ and the reward (a reward-model folder or a Python function), all placed by one :
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from tether.config import RunConfig
 from tether.errors import TetherError
 from tether.models import (
     ActorCritic,
+    enable_gradient_checkpointing,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -18,6 +20,9 @@ from tether.models import (
 )
 from tether.precision import Placement
 from tether.rewards import FunctionScorer, RewardModelScorer, load_reward_function
+from tether.sources import resolve
+
+FUNCTION_SPEC = re.compile(r"[\w./\\-]+:[A-Za-z_]\w*")  # module:function or path/to/file.py:function
 
 
 @dataclass
@@ -49,17 +54,16 @@ def load_roles(config: RunConfig) -> Roles:
         reference = reference_copy(policy)
     if not m.reward_model:
         raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
-    if Path(m.reward_model).is_dir():
+    if not Path(m.reward_model).is_dir() and FUNCTION_SPEC.fullmatch(m.reward_model):
+        scorer = FunctionScorer(load_reward_function(m.reward_model), m.reward_model)
+    else:  # a folder, a .gguf file or a Hub name: a reward model
+        folder = resolve(m.reward_model, "reward model", trust_remote_code=m.trust_remote_code).folder
         reward_model = load_reward_model(m.reward_model, placement.frozen_dtype, m.trust_remote_code)
         rm_tokenizer = None  # a folder without tokenizer files shares the policy's tokenizer
-        if any((Path(m.reward_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             rm_tokenizer = load_tokenizer(m.reward_model, m.trust_remote_code)
             rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
         scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement)
-    elif ":" in m.reward_model:
-        scorer = FunctionScorer(load_reward_function(m.reward_model), m.reward_model)
-    else:
-        raise TetherError(f"model.reward_model '{m.reward_model}': no such folder (or 'module:function')")
     critic = None
     if m.value_model == "separate":
         init = m.value_init or (m.reward_model if isinstance(scorer, RewardModelScorer) else m.policy)
@@ -67,4 +71,5 @@ def load_roles(config: RunConfig) -> Roles:
             critic = load_reward_model(init, placement.trained_dtype, m.trust_remote_code)
         else:
             critic = new_scalar_model(init, placement.trained_dtype, m.trust_remote_code)
+    enable_gradient_checkpointing(m.gradient_checkpointing, policy, critic)  # after the reference copy
     return Roles(ActorCritic(policy, critic), reference, tokenizer, scorer, placement)

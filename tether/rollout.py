@@ -27,38 +27,61 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_new_tokens: int = 0  # EOS is masked out before this many response tokens (0: off)
+
+
+def stop_ids(tokenizer, policy=None) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS, then the ids in the policy's
+    ``generation_config.eos_token_id`` (chat models often list their end-of-turn token there too)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids
 
 
 @torch.no_grad()
-def generate(policy, prompt_ids, prompt_mask, sampling: Sampling, eos_id: int, pad_id: int, autocast=nullcontext):
+def generate(
+    policy, prompt_ids, prompt_mask, sampling: Sampling, eos_id: int | list[int], pad_id: int, autocast=nullcontext
+):
     """Sample one response per prompt. Returns (response_ids, response_mask), both (B, T), right-padded.
 
-    The response keeps its EOS (and ``response_mask`` covers it); tokens after EOS become ``pad_id``. Sampling runs
-    in the ``autocast()`` context.
+    ``eos_id`` is one stop token or a list of them (:func:`stop_ids`; the first is also the fill id). The response
+    keeps its stop token (and ``response_mask`` covers it); tokens after it become ``pad_id``. Sampling runs in the
+    ``autocast()`` context.
     """
+    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id)
     config = GenerationConfig(
         do_sample=True,
         max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,  # finished rows are filled with EOS inside generate; replaced by pad below
+        min_new_tokens=sampling.min_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=stops[0],  # finished rows are filled with EOS inside generate; replaced by pad below
     )
     was_training = policy.training
     policy.eval()
-    inputs = model_inputs(prompt_ids, prompt_mask, eos_id)
+    inputs = model_inputs(prompt_ids, prompt_mask, stops[0])
     inputs.pop("position_ids")  # generate derives positions from the attention mask itself (ppo_details #11)
     with autocast():
         out = policy.generate(**inputs, generation_config=config)
     policy.train(was_training)
     response_ids = out[:, prompt_ids.shape[1] :]
-    return mask_after_eos(response_ids, eos_id, pad_id)
+    return mask_after_eos(response_ids, stops, pad_id)
 
 
-def mask_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int):
-    """(ids, mask) with mask 1 up to and including the first EOS, ids set to ``pad_id`` after it."""
-    is_eos = response_ids == eos_id
+def is_stop(ids: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
+    """Bool tensor: where ``ids`` holds the stop token ``eos_id`` (or one of a list of them)."""
+    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    return torch.isin(ids, torch.tensor(stops, device=ids.device))
+
+
+def mask_after_eos(response_ids: torch.Tensor, eos_id: int | list[int], pad_id: int):
+    """(ids, mask) with mask 1 up to and including the first stop token, ids set to ``pad_id`` after it."""
+    is_eos = is_stop(response_ids, eos_id)
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     response_mask = (~after_eos).long()
     return response_ids.masked_fill(after_eos, pad_id), response_mask
@@ -104,16 +127,21 @@ def collect_rollout(
     sampling: Sampling,
     chunk: int,
     autocast=nullcontext,
+    prompts: list | None = None,
+    stops: list[int] | None = None,
 ) -> Rollout:
     """Generate responses and fill a Rollout with old/reference log-probs, values and raw scores.
 
     ``autocast`` is the context of the policy's and reference's forward passes; the scorer brings its own.
+    ``prompts`` (the prompts as the data gave them, strings or conversations) go to the scorer; ``stops`` are the
+    tokens that end a response (default: the tokenizer's EOS).
     """
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops = stops or [eos_id]
     response_ids, response_mask = generate(
-        actor_critic.policy, prompt_ids, prompt_mask, sampling, eos_id, pad_id, autocast
+        actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, pad_id, autocast
     )
-    raw_scores = scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer).float()
+    raw_scores = scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer, prompts=prompts)
     return build_rollout(
         actor_critic,
         reference,
@@ -121,11 +149,12 @@ def collect_rollout(
         prompt_mask,
         response_ids,
         response_mask,
-        raw_scores,
+        raw_scores.float(),
         sampling.temperature,
         eos_id,
         chunk,
         autocast,
+        stops,
     )
 
 
@@ -142,9 +171,11 @@ def build_rollout(
     eos_id: int,
     chunk: int,
     autocast=nullcontext,
+    stops: list[int] | None = None,
 ) -> Rollout:
-    """A Rollout for given responses and scores: old/reference log-probs, values and entropy, padding zeroed."""
-    ended = ((response_ids == eos_id) & (response_mask == 1)).any(-1)
+    """A Rollout for given responses and scores: old/reference log-probs, values and entropy, padding zeroed.
+    ``ended`` marks responses that stopped with a token of ``stops`` (default: ``eos_id``)."""
+    ended = (is_stop(response_ids, stops or eos_id) & (response_mask == 1)).any(-1)
     sequence_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     was_training = actor_critic.training

@@ -1,5 +1,6 @@
-"""Metric logging: always JSONL in the run folder, a short line on stdout; TensorBoard, Weights & Biases or trackio
-when asked for (``logging.tensorboard`` / ``logging.wandb`` / ``logging.trackio``) and installed.
+"""Metric logging: always JSONL in the run folder, a short line on stdout (or, on a terminal, the live bar's postfix);
+TensorBoard, Weights & Biases or trackio when asked for (``logging.tensorboard`` / ``logging.wandb`` /
+``logging.trackio``) and installed.
 
 Nothing is sent anywhere by default: the optional backends are imported only when asked for, and asking for one that
 is not installed is a :class:`TetherError`. Every key written here has a line in docs/metrics.md.
@@ -29,6 +30,8 @@ class MetricLogger:
         trackio: also log to a trackio run (``trackio.init(project=..., name=<run folder name>)``).
         project: the wandb / trackio project name.
         config: the run config as a plain dict, recorded with the wandb / trackio run.
+        display: the phase's live display (:class:`tether.trainers.common.Progress`): each row goes to its ``show``,
+            and no metrics line is printed while it is ``quiet`` (its bar carries the key metrics instead).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class MetricLogger:
         trackio: bool = False,
         project: str = "tether",
         config: dict | None = None,
+        display=None,
     ):
         # Optional backends are imported before anything is opened, so a missing one fails cleanly.
         backends = [(name, _require(name)) for name, asked in (("wandb", wandb), ("trackio", trackio)) if asked]
@@ -50,6 +54,7 @@ class MetricLogger:
         self._file = self.path.open("a", encoding="utf-8")
         self.print_every = print_every
         self.echo = echo
+        self.display = display
         self._tb = None
         if tensorboard:
             try:
@@ -62,13 +67,14 @@ class MetricLogger:
         self._runs = [_start_run(name, module, project, Path(run_dir), config) for name, module in backends]
 
     @classmethod
-    def from_config(cls, run_dir: str | Path, config, echo=print) -> MetricLogger:
+    def from_config(cls, run_dir: str | Path, config, echo=print, display=None) -> MetricLogger:
         """A logger set up from a run config's ``logging`` section (the whole config is recorded with the run).
 
         Args:
             run_dir: the run folder; ``metrics.jsonl`` (and ``tensorboard/``) are written inside it.
             config: a :class:`tether.config.RunConfig`.
             echo: where the periodic metrics line is printed.
+            display: the phase's live display, if any (see the class).
         """
         lc = config.logging
         return cls(
@@ -80,6 +86,7 @@ class MetricLogger:
             trackio=lc.trackio,
             project=lc.project,
             config=dataclasses.asdict(config),
+            display=display,
         )
 
     def log(self, metrics: dict, step: int) -> None:
@@ -94,9 +101,10 @@ class MetricLogger:
             numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for run in self._runs:
                 run.log(numbers, step)
-        if self.print_every and step % self.print_every == 0:
-            shown = [k for k in clean if isinstance(clean[k], float)][:8]
-            self.echo(f"step {step}: " + "  ".join(f"{k}={clean[k]:.4g}" for k in shown))
+        if self.display is not None:
+            self.display.show(clean)
+        if self.print_every and step % self.print_every == 0 and not getattr(self.display, "quiet", False):
+            self.echo(metrics_line(clean, step))
 
     def __enter__(self) -> MetricLogger:
         return self
@@ -111,6 +119,12 @@ class MetricLogger:
         for run in self._runs:
             run.close()
         self._runs = []
+
+
+def metrics_line(metrics: dict, step: int) -> str:
+    """``step 10: sft/loss=2.31  sft/token_accuracy=0.42 ...``: the row's first 8 float metrics, one plain line."""
+    shown = [k for k in metrics if isinstance(metrics[k], float)][:8]
+    return f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown)
 
 
 _INSTALL = {"wandb": "pip install wandb", "trackio": "pip install trackio"}

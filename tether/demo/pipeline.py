@@ -133,34 +133,37 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     write_jsonl(run_dir / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
     write_jsonl(run_dir / "data" / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
     # b. SFT
+    detail = _indented(echo)  # the trainers' lines (metrics, summaries) under the phase headers
     echo(f"[1/5] SFT: {config.sft.steps} steps on {config.demo.sft_examples} examples")
     config.sft.data = str(run_dir / "data" / "sft.jsonl")
-    sft_dir = train_sft(config, _stage(run_dir, "sft"), echo)
+    sft_dir = train_sft(config, _stage(run_dir, "sft"), detail)
     tokenizer = load_tokenizer(str(sft_dir))
     sft_policy = placement.frozen(load_causal_lm(str(sft_dir), placement.frozen_dtype))
     # c. preferences
     echo(f"[2/5] preferences: {config.demo.preference_pairs} pairs sampled from the SFT model, gold-labelled")
+    phase_start = time.time()
     write_jsonl(
         run_dir / "data" / "preferences.jsonl",
         preference_records(sft_policy, tokenizer, train_prompts, config, placement),
     )
+    detail(f"preferences: {config.demo.preference_pairs} pairs in {time.time() - phase_start:.1f} s")
     # d. reward model
     echo("[3/5] reward model")
     config.reward.data, config.reward.init = str(run_dir / "data" / "preferences.jsonl"), str(sft_dir)
-    rm_dir, rm_eval = train_reward(config, _stage(run_dir, "reward"), echo)
+    rm_dir, rm_eval = train_reward(config, _stage(run_dir, "reward"), detail)
     reward_model = placement.frozen(load_reward_model(str(rm_dir), placement.frozen_dtype))
     _, held_out = split_pairs(
         read_jsonl(config.reward.data, ("prompt", "chosen", "rejected")), config.reward.eval_fraction, config.seed
     )
     rm_accuracy = gold_agreement(reward_model, tokenizer, held_out, config, placement)
-    echo(f"      agreement with the gold judge on held-out pairs: {rm_accuracy:.3f}")
+    detail(f"agreement with the gold judge on held-out pairs: {rm_accuracy:.3f}")
     # e. PPO
     echo(f"[4/5] PPO: {config.ppo.steps} iterations of {config.ppo.rollout_batch_size} rollouts")
     config.model.policy, config.model.reward_model = str(sft_dir), str(rm_dir)
     config.ppo.prompts = str(run_dir / "data" / "prompts.jsonl")
     trainer = PPOTrainer.from_config(config)
     ppo_dir = _stage(run_dir, "ppo")
-    trainer.train(train_prompts, ppo_dir, echo, on_step=gold_metrics)
+    trainer.train(train_prompts, ppo_dir, detail, on_step=gold_metrics)
     save_model(trainer.actor_critic.policy, tokenizer, ppo_dir / "model", placement.dtype)
     # f. evaluation on held-out prompts
     echo(f"[5/5] evaluation on {len(eval_prompts)} held-out prompts x {config.demo.eval_samples} samples")
@@ -178,6 +181,15 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     )
     echo(format_table(summary))
     return summary
+
+
+def _indented(echo):
+    """``echo`` with each line indented under the phase headers."""
+
+    def indented(text: str) -> None:
+        echo("\n".join("      " + line for line in str(text).splitlines()))
+
+    return indented
 
 
 def _stage(run_dir: Path, name: str) -> Path:

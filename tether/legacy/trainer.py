@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +39,77 @@ TRL_NAMES = {
     "time/advantage": "time/ppo/compute_advantages",
     "time/update": "time/ppo/optimize_step",
 }
+
+
+# generate() kwargs tether honours (docs/migration.md, "generate(...)"); length_sampler, batch_size, return_prompt,
+# generate_ref_response and remove_padding are named parameters
+GENERATE_KWARGS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "min_length",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "eos_token_id",
+    "pad_token_id",
+)
+# generate() kwargs that only concerned TRL's batching or Hugging Face's outputs: accepted, no effect on the samples
+GENERATE_IGNORED = ("use_cache", "synced_gpus", "output_scores", "pad_to_multiple_of")
+_OFF_POLICY = (
+    "tether's sampler has no repetition processors, and PPO scores the unpenalised policy (off-policy samples)"
+)
+# generate() kwargs refused unless they have a value that changes nothing: name -> (those values, the reason)
+GENERATE_REFUSED = {
+    "num_beams": ((None, 1), "beam search is not sampling, and PPO needs responses sampled from the policy"),
+    "num_return_sequences": ((None, 1), "one response per query; repeat a query to sample it several times"),
+    "repetition_penalty": ((None, 1.0), _OFF_POLICY),
+    "no_repeat_ngram_size": ((None, 0), _OFF_POLICY),
+    "return_dict_in_generate": ((None, False), "generate returns token tensors only, as TRL's batched generate did"),
+}
+
+
+def _whole(value, name: str, lowest: int | None = 0) -> int:
+    """``value`` as an int (a whole float such as TRL's ``top_k=0.0`` is fine); TetherError if not whole or too low."""
+    try:
+        whole = int(value)
+        ok = whole == value and (lowest is None or whole >= lowest) and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        bound = "" if lowest is None else f" >= {lowest}"
+        raise TetherError(f"generate: {name} must be a whole number{bound}, got {value!r}")
+    return whole
+
+
+def _sampling(kw: dict) -> Sampling:
+    """The sampler's settings from ``generate``'s kwargs; ``do_sample=False`` is greedy (sampling from the top-1)."""
+    max_new = _whole(kw.get("max_new_tokens", 32), "max_new_tokens", lowest=1)
+    min_new = _whole(kw.get("min_new_tokens") or 0, "min_new_tokens")
+    if not kw.get("do_sample", True):
+        return Sampling(max_new, 1.0, 1.0, 1, min_new)
+    temperature, top_p = kw.get("temperature", 1.0), kw.get("top_p", 1.0)
+    if temperature is None or temperature <= 0:
+        raise TetherError(f"generate: temperature must be > 0, got {temperature}")
+    top_k = _whole(kw.get("top_k") or 0, "top_k")  # 0 (or TRL's 0.0): off
+    return Sampling(max_new, float(temperature), float(1.0 if top_p is None else top_p), top_k, min_new)
+
+
+@dataclass
+class _Generation:
+    """What ``generate``'s kwargs ask for: sampler settings, HF's ``min_length``, stop ids, the padding id."""
+
+    sampling: Sampling
+    min_length: int
+    stops: list[int]
+    fill_id: int
+
+    def for_batch(self, width: int, length_sampler=None) -> Sampling:
+        """The settings for one left-padded batch ``width`` tokens wide: ``length_sampler()`` gives max_new_tokens,
+        and ``min_length`` (prompt + response, as in HF) becomes ``min_length - width`` new tokens, as TRL got."""
+        max_new = self.sampling.max_new_tokens if length_sampler is None else int(length_sampler())
+        min_new = max(self.sampling.min_new_tokens, self.min_length - width)
+        return replace(self.sampling, max_new_tokens=max_new, min_new_tokens=min_new)
 
 
 def _user_scores_only(*args, **kwargs):
@@ -168,53 +240,92 @@ class PPOTrainer:
     # ---- generation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
-        self, query_tensor, length_sampler=None, batch_size: int = 4, return_prompt: bool = True, **generation_kwargs
+        self,
+        query_tensor,
+        length_sampler=None,
+        batch_size: int = 4,
+        return_prompt: bool = True,
+        generate_ref_response: bool = False,
+        remove_padding: bool = True,
+        **generation_kwargs,
     ):
-        """Sample one response per query, left-padding internally; each stops after its first EOS (kept).
+        """Sample one response per query, left-padding internally; each stops after its first stop token (kept).
 
         ``query_tensor`` is a 1-D tensor (returns a (1, L) tensor), or a list of 1-D tensors / a padded 2-D tensor
         (returns a list of 1-D tensors); lists are generated ``batch_size`` queries at a time, tensors at once.
-        With ``return_prompt=True`` (TRL's default) each result is query + response.
-        Generation kwargs: ``max_new_tokens`` (default 32), ``do_sample`` (False = greedy, via top_k=1),
-        ``temperature``, ``top_p``, ``top_k`` (default 0: off), ``min_length`` (<= 0 only); others raise.
+        With ``return_prompt=True`` (TRL's default) each result is query + response. ``length_sampler()`` sets
+        ``max_new_tokens`` per batch. ``generate_ref_response=True`` also samples the reference model and returns
+        ``(responses, ref_responses)``. ``remove_padding=False`` keeps each batch's padding after the stop token
+        (filled with ``pad_token_id``), as TRL did. ``generation_kwargs``: see :data:`GENERATE_KWARGS`,
+        :data:`GENERATE_IGNORED` and :data:`GENERATE_REFUSED` (docs/migration.md has the table).
         """
         single = isinstance(query_tensor, torch.Tensor) and query_tensor.dim() == 1
         queries = self._rows([query_tensor] if single else query_tensor, "queries", strip_padding=True)
-        sampling = self._sampling(dict(generation_kwargs))
+        gen = self._generation(dict(generation_kwargs))
         if isinstance(query_tensor, torch.Tensor):  # a padded batch is generated at once, as TRL did for tensors
             batch_size = max(batch_size, len(queries))
+        models = [self.model.pretrained_model] + ([self.core.reference] if generate_ref_response else [])
+        outs = []
+        for model in models:  # the policy's batches first, then the reference's, as TRL did
+            out = self._generate_batched(
+                model, queries, gen, length_sampler, batch_size, return_prompt, remove_padding
+            )
+            outs.append(out[0][None] if single else out)
+        return tuple(outs) if generate_ref_response else outs[0]
+
+    def _generate_batched(self, model, queries, gen, length_sampler, batch_size, return_prompt, remove_padding):
+        """One response per query from ``model``, ``batch_size`` queries at a time (TRL's ``_generate_batched``)."""
         out = []
         for start in range(0, len(queries), batch_size):
             chunk = queries[start : start + batch_size]
-            if length_sampler is not None:
-                sampling.max_new_tokens = int(length_sampler())
             ids, mask = self._left_pad(chunk)
-            resp, resp_mask = generate(
-                self.model.pretrained_model, ids, mask, sampling, self.eos_id, self.pad_id, self.placement.autocast
-            )
-            for q, r, n in zip(chunk, resp.cpu(), resp_mask.sum(-1).tolist()):
-                out.append(torch.cat([q, r[:n]]) if return_prompt else r[:n])
-        return out[0][None] if single else out
+            sampling = gen.for_batch(ids.shape[1], length_sampler)
+            resp, resp_mask = generate(model, ids, mask, sampling, gen.stops, self.pad_id, self.placement.autocast)
+            for q, r, m in zip(chunk, resp.cpu(), resp_mask.cpu()):
+                r = r.masked_fill(m == 0, gen.fill_id) if not remove_padding else r[: int(m.sum())]
+                out.append(torch.cat([q, r]) if return_prompt else r)
+        return out
 
-    def _sampling(self, kw: dict) -> Sampling:
-        max_new = kw.pop("max_new_tokens", 32)
-        do_sample = kw.pop("do_sample", True)
-        temperature, top_p, top_k = kw.pop("temperature", 1.0), kw.pop("top_p", 1.0), kw.pop("top_k", 0)
-        if (kw.pop("min_length", None) or 0) > 0:
-            raise TetherError("generate: min_length > 0 is not supported")
-        kw.pop("pad_token_id", None)
-        if kw.pop("eos_token_id", self.eos_id) != self.eos_id:
-            raise TetherError("generate: eos_token_id must be the tokenizer's eos_token_id")
+    def _generation(self, kw: dict) -> _Generation:
+        """Check ``generate``'s kwargs (one-line TetherError for a refused or unknown one) and collect them."""
+        for name, (no_op, reason) in GENERATE_REFUSED.items():
+            if name in kw and kw.pop(name) not in no_op:
+                raise TetherError(f"generate: {name} is not supported: {reason}")
+        for name in GENERATE_IGNORED:
+            kw.pop(name, None)
+        known = {name: kw.pop(name) for name in GENERATE_KWARGS if name in kw}
         if kw:
             raise TetherError(
                 f"generate: unsupported argument(s) {', '.join(sorted(kw))}; supported: "
-                "max_new_tokens, do_sample, temperature, top_p, top_k"
+                f"{', '.join(GENERATE_KWARGS + GENERATE_IGNORED)} (docs/migration.md)"
             )
-        if not do_sample:
-            return Sampling(max_new, 1.0, 1.0, 1)  # greedy: sampling from the top-1 token is argmax
-        if temperature <= 0:
-            raise TetherError(f"generate: temperature must be > 0, got {temperature}")
-        return Sampling(max_new, float(temperature), float(top_p), int(top_k or 0))
+        return _Generation(
+            sampling=_sampling(known),
+            min_length=_whole(known.get("min_length") or 0, "min_length", lowest=None),  # <= 0: off (TRL's -1)
+            stops=self._stops(known.get("eos_token_id")),
+            fill_id=self._fill_id(known.get("pad_token_id")),
+        )
+
+    def _stops(self, eos_token_id) -> list[int]:
+        """Stop ids: the user's ``eos_token_id`` (an int or a list) after the tokenizer's EOS, which always stops
+        (TRL cut responses at it); by default the policy's ``generation_config`` ids too, as HF generate used."""
+        if eos_token_id is None:
+            return list(self.core.stops)
+        given = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        stops = [self.eos_id]
+        for i in given:
+            i = _whole(i, "eos_token_id")
+            if i not in stops:
+                stops.append(i)
+        return stops
+
+    def _fill_id(self, pad_token_id) -> int:
+        """The id after the stop token when ``remove_padding=False``: ``pad_token_id``, else the tokenizer's pad or
+        EOS (tether's own padding is internal and never returned)."""
+        if pad_token_id is not None:
+            return _whole(pad_token_id, "pad_token_id")
+        pad = self.tokenizer.pad_token_id
+        return self.eos_id if pad is None else pad
 
     # ---- one PPO iteration ------------------------------------------------------------------------------------------
     def step(self, queries, responses, scores, response_masks=None) -> dict:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -60,11 +61,104 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def progress(total: int, desc: str, initial: int = 0):
-    """A progress bar on stderr (quiet when stderr is not a terminal, e.g. in CI logs)."""
-    return tqdm(
-        total=total, desc=desc, initial=initial, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True
-    )
+class Shown(NamedTuple):
+    """A metric a phase's display shows: ``short`` on the live bar, ``label`` in the summary line, where ``trend``
+    shows its first and last values (``loss 2.31 -> 0.12``) instead of the last one."""
+
+    key: str
+    short: str
+    label: str
+    trend: bool = False
+
+
+class Progress:
+    """One phase's display. On a terminal (stderr is a TTY): a tqdm bar whose postfix carries the phase's key metrics
+    (``shown``), and no metric lines when stdout is that terminal too (:attr:`quiet`). Elsewhere (CI, pipes, logs):
+    no bar, so the :class:`~tether.tracking.MetricLogger` lines are the output. Either way, leaving the ``with``
+    block normally prints one summary line through ``echo``.
+
+    Feed it each logged row with :meth:`show`; print other messages while it runs with :meth:`echo`.
+    """
+
+    def __init__(self, total: int, desc: str, initial: int = 0, shown=(), unit: str = "steps", echo=print):
+        self.total, self.desc, self.initial, self.unit, self.shown = total, desc, initial, unit, tuple(shown)
+        self.live = sys.stderr.isatty()
+        self.quiet = self.live and sys.stdout.isatty()  # metric lines would land on the bar's screen
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            initial=initial,
+            leave=False,
+            disable=not self.live,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        self._echo, self.done, self.start = echo, 0, time.time()
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more steps done."""
+        self.done += n
+        self.bar.update(n)
+
+    def show(self, metrics: dict) -> None:
+        """Record a logged row's key metrics; on the bar they replace the previous ones."""
+        for s in self.shown:
+            value = metrics.get(s.key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.first.setdefault(s.key, value)
+                self.last[s.key] = value
+        if self.live:
+            postfix = [f"{s.short}={self.last[s.key]:.3g}" for s in self.shown if s.key in self.last]
+            self.bar.set_postfix_str(" ".join(postfix), refresh=False)
+
+    def echo(self, text: str) -> None:
+        """Print a message; the live bar is cleared first and redrawn below it."""
+        if not self.live:
+            self._echo(text)
+            return
+        self.bar.clear()
+        self._echo(text)
+        sys.stdout.flush()
+        self.bar.refresh()
+
+    def summary(self) -> str:
+        """``sft: 600 steps in 21 s, loss 2.31 -> 0.12, token accuracy 0.98``"""
+        end = self.initial + self.done
+        of = f" of {self.total}" if end < self.total else ""
+        span = f"{self.unit} {self.initial}-{end}{of}" if self.initial else f"{end}{of} {self.unit}"
+        parts = [f"{self.desc}: {span} in {_duration(time.time() - self.start)}"]
+        for s in self.shown:
+            if s.key in self.last:
+                first = f"{self.first[s.key]:.3g} -> " if s.trend else ""
+                parts.append(f"{s.label} {first}{self.last[s.key]:.3g}")
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close()
+        if exc_type is None:
+            self._echo(self.summary())
+
+
+def progress(total: int, desc: str, initial: int = 0, shown=(), unit: str = "steps", echo=print) -> Progress:
+    """The display of one phase: a bar with its ``shown`` metrics on a terminal, a summary line at its end."""
+    return Progress(total, desc, initial, shown, unit, echo)
+
+
+def _duration(seconds: float) -> str:
+    """``0.4 s``, ``21 s``, ``3 min 05 s``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 @contextlib.contextmanager

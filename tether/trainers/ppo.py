@@ -52,12 +52,19 @@ from tether.models import (
 )
 from tether.precision import Placement
 from tether.rewards import RunningMoments, transform_scores
-from tether.rollout import Sampling, collect_rollout
+from tether.rollout import Sampling, collect_rollout, stop_ids
 from tether.roles import load_roles
 from tether.stages import stage_at, total_updates
-from tether.trainers.common import batches, lr_factor, progress, set_lr, stop_requests, write_summary
+from tether.trainers.common import Shown, batches, lr_factor, progress, set_lr, stop_requests, write_summary
 from tether.tracking import MetricLogger, read_metrics
 from tether.types import Rollout
+
+SHOWN = (
+    Shown("reward/score", "score", "score", trend=True),
+    Shown("kl/ref", "kl", "KL to reference"),
+    Shown("gold/score", "gold", "gold score", trend=True),  # the demo's gold judge (its on_step), when logged
+)
+"""What the live bar and the summary line of `tether ppo` show (those logged)."""
 
 
 class PPOTrainer:
@@ -68,7 +75,8 @@ class PPOTrainer:
         actor_critic: the policy and its value model (trained).
         reference: the frozen reference policy.
         tokenizer: the policy's tokenizer (pad distinct from EOS).
-        scorer: ``scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=...) -> (B,) scores``.
+        scorer: ``scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=..., prompts=...) -> (B,)
+            scores`` (``prompts`` as the data gave them).
         placement: where the models live and in which precision; None builds it from ``config.model``. The
             actor-critic is placed as trained and the reference as frozen (both in place).
     """
@@ -88,6 +96,7 @@ class PPOTrainer:
         self.actor_critic = self.placement.trained(actor_critic, self.cfg.lr).train()
         self.reference = self.placement.frozen(reference)
         self.tokenizer, self.scorer = tokenizer, scorer
+        self.stops = stop_ids(tokenizer, actor_critic.policy)  # EOS, and a chat model's end-of-turn tokens
         params = [p for p in actor_critic.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps)
         self.kl_ctl = kl_controller(self.cfg)
@@ -107,8 +116,8 @@ class PPOTrainer:
         self.stopped = False  # a guard stopped the run
 
     # ---- step 1 -----------------------------------------------------------------------------------------------
-    def rollout(self, prompts: list[str]) -> Rollout:
-        """Sample one response per prompt with the current policy (no gradients)."""
+    def rollout(self, prompts: list) -> Rollout:
+        """Sample one response per prompt (a string or a conversation) with the current policy (no gradients)."""
         prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, self.config.sampling.max_prompt_length)
         return collect_rollout(
             self.actor_critic,
@@ -120,6 +129,8 @@ class PPOTrainer:
             self.sampling,
             chunk=self.micro_batch_size,
             autocast=self.placement.autocast,
+            prompts=prompts,
+            stops=self.stops,
         )
 
     # ---- step 2 -----------------------------------------------------------------------------------------------
@@ -275,14 +286,14 @@ class PPOTrainer:
         """
         run_dir, stats = Path(run_dir), {}
         checkpoints = run_dir / "checkpoints"
-        logger = MetricLogger.from_config(run_dir, self.config, echo)
-        bar = progress(self.config.ppo.steps, "ppo", initial=self.iteration)
+        bar = progress(self.config.ppo.steps, "ppo", self.iteration, SHOWN, unit="iterations", echo=echo)
+        logger = MetricLogger.from_config(run_dir, self.config, echo, display=bar)
         if self.saved_at is None:
             self.save(checkpoints)
         with stop_requests() as stop, logger, bar:
             while self.iteration < self.config.ppo.steps and not self.stopped:
                 t0 = time.perf_counter()
-                self.enter_stage(echo)
+                self.enter_stage(bar.echo)
                 sampled_from = self.iteration
                 # 1. rollout: sample responses; old log-probs, reference log-probs, values, raw scores
                 rollout = self.rollout(self.next_prompts(prompts))
@@ -294,7 +305,7 @@ class PPOTrainer:
                 if on_step is not None:
                     stats.update(on_step(self, rollout) or {})
                 # 6. guards: KL limit and non-finite steps restore the last stable checkpoint, then stop or go on
-                stats |= self.apply_guards(stats, sampled_from, checkpoints, echo)
+                stats |= self.apply_guards(stats, sampled_from, checkpoints, bar.echo)
                 logger.log(stats, self.iteration)
                 bar.update(1)
                 # 7. checkpoint: every save_every iterations, and when asked to stop (a signal may arrive mid-save)

@@ -16,13 +16,16 @@ import torch
 
 from tether.algo import pairwise_reward_loss, pearson_correlation
 from tether.config import RunConfig
-from tether.data import preference_batch, read_records
+from tether.data import preference_batch, preference_pairs, read_records
 from tether.errors import TetherError
-from tether.models import load_tokenizer, new_scalar_model, sequence_scores
+from tether.models import enable_gradient_checkpointing, load_tokenizer, new_scalar_model, sequence_scores
 from tether.precision import Placement
 from tether.checkpoint import python_rng_state
-from tether.trainers.common import StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
+from tether.trainers.common import Shown, StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
 from tether.tracking import MetricLogger
+
+SHOWN = (Shown("rm/loss", "loss", "loss", trend=True), Shown("rm/accuracy", "acc", "accuracy"))
+"""What the live bar and the summary line of `tether reward` show."""
 
 
 def pair_scores(model, tokenizer, records, max_length: int, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +91,14 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print, resume_from: Path
         )
     placement = Placement.from_config(config.model)
     train, held_out = split_pairs(
-        read_records(cfg.data, ("prompt", "chosen", "rejected")), cfg.eval_fraction, config.seed
+        preference_pairs(read_records(cfg.data, ("prompt", "chosen", "rejected")), cfg.data),
+        cfg.eval_fraction,
+        config.seed,
     )
     tokenizer = load_tokenizer(config.model.tokenizer or init, config.model.trust_remote_code)
     train, pair_counts = balance_pairs(tokenizer, train, cfg.max_length_gap, echo)
     model = new_scalar_model(init, placement.trained_dtype, config.model.trust_remote_code)
+    enable_gradient_checkpointing(config.model.gradient_checkpointing, model)
     model = placement.trained(model, cfg.lr)
     model.config.pad_token_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -105,8 +111,8 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print, resume_from: Path
         state = checkpoints.resume(resume_from)
         first, order = state["step"], state["order"]
         rng.setstate(python_rng_state(state["shuffle_rng"]))
-    logger = MetricLogger.from_config(run_dir, config, echo)
-    bar, start = progress(total, "reward", initial=first), time.time()
+    bar, start = progress(total, "reward", initial=first, shown=SHOWN, echo=echo), time.time()
+    logger = MetricLogger.from_config(run_dir, config, echo, display=bar)
     with stop_requests() as stop, logger, bar:
         for step in range(first, total):
             index = step % steps_per_epoch

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on {"prompt", "response"} records: the starting point (and reference) of PPO.
+"""Supervised fine-tuning on {"prompt", "response"} records (or {"messages"} conversations): the starting point (and
+reference) of PPO.
 
 The loss is the mean next-token cross-entropy over response tokens (and EOS); prompt tokens are not learned.
 """
@@ -15,12 +16,22 @@ from transformers import GPT2LMHeadModel
 
 from tether.algo import masked_mean
 from tether.config import RunConfig
-from tether.data import read_records, sft_batch
-from tether.models import char_tokenizer, load_causal_lm, load_tokenizer, model_inputs, tiny_config
+from tether.data import prompt_label, read_records, sft_batch, sft_examples
+from tether.models import (
+    char_tokenizer,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    model_inputs,
+    tiny_config,
+)
 from tether.precision import Placement
 from tether.checkpoint import python_rng_state
-from tether.trainers.common import StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
+from tether.trainers.common import Shown, StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
 from tether.tracking import MetricLogger
+
+SHOWN = (Shown("sft/loss", "loss", "loss", trend=True), Shown("sft/token_accuracy", "acc", "token accuracy"))
+"""What the live bar and the summary line of `tether sft` show."""
 
 
 def initial_policy(config: RunConfig, texts: list[str], dtype: str | torch.dtype = "float32"):
@@ -51,8 +62,10 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print, resume_from: Path | 
     """
     cfg = config.sft
     placement = Placement.from_config(config.model)
-    records = read_records(cfg.data, ("prompt", "response"))
-    policy, tokenizer = initial_policy(config, [r["prompt"] + r["response"] for r in records], placement.trained_dtype)
+    records = sft_examples(read_records(cfg.data, ()), cfg.data)
+    texts = [prompt_label(r["prompt"]) + r["response"] for r in records]
+    policy, tokenizer = initial_policy(config, texts, placement.trained_dtype)
+    enable_gradient_checkpointing(config.model.gradient_checkpointing, policy)
     policy = placement.trained(policy, cfg.lr).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     checkpoints = StepCheckpoints("sft", run_dir, config, policy, optimizer, cfg.save_every)
@@ -61,8 +74,8 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print, resume_from: Path | 
         state = checkpoints.resume(resume_from)
         first = state["step"]
         rng.setstate(python_rng_state(state["sample_rng"]))
-    logger = MetricLogger.from_config(run_dir, config, echo)
-    bar, start = progress(cfg.steps, "sft", initial=first), time.time()
+    bar, start = progress(cfg.steps, "sft", initial=first, shown=SHOWN, echo=echo), time.time()
+    logger = MetricLogger.from_config(run_dir, config, echo, display=bar)
     with stop_requests() as stop, logger, bar:
         for step in range(first, cfg.steps):
             set_lr(optimizer, cfg.lr * lr_factor("cosine", step, cfg.steps, cfg.warmup_steps))
