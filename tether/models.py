@@ -10,7 +10,9 @@ Conventions used by every forward pass in tether (ppo_details #10-#12):
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 from pathlib import Path
 
@@ -147,12 +149,35 @@ def _from_pretrained(
         _check_folder(source.folder, what, shown=path)
         kwargs["use_safetensors"] = True
     try:
-        model = auto_class.from_pretrained(
-            source.folder, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
-        )
+        with _gguf_progress_on_terminal_only(bool(source.gguf_file)):
+            model = auto_class.from_pretrained(
+                source.folder, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
+            )
     except (OSError, ValueError, ImportError) as e:
         raise TetherError(f"{what} '{path}': {_first_line(e)}") from None
     return disable_dropout(model)
+
+
+@contextlib.contextmanager
+def _gguf_progress_on_terminal_only(gguf: bool):
+    """transformers draws a bar while it unpacks GGUF tensors, whatever its progress-bar switch says: keep it on a
+    terminal, where it shows a load of some seconds, and out of logs and pipes."""
+    import importlib
+    import sys
+
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils") if gguf else None
+    except ImportError:
+        module = None
+    bar = getattr(module, "tqdm", None)
+    if bar is None or sys.stderr.isatty():
+        yield
+        return
+    module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = bar
 
 
 def _gguf_kwargs(gguf_file: str) -> dict:

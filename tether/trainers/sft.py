@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from tether.algo import masked_mean
+from tether.checkpoint import python_rng_state
 from tether.config import RunConfig
 from tether.data import prompt_label, read_records, sft_batch, sft_examples
 from tether.models import (
@@ -26,7 +27,6 @@ from tether.models import (
     tiny_config,
 )
 from tether.precision import Placement
-from tether.checkpoint import python_rng_state
 from tether.trainers.common import Shown, StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
 from tether.tracking import MetricLogger
 
