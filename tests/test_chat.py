@@ -167,3 +167,32 @@ def test_sample_renders_the_chat_template_and_labels_prompt_and_answer(chat_dir,
         out = capsys.readouterr().out
         assert out.startswith("prompt: 1+1=\nanswer: ") and "\n\nprompt: 2+2=\nanswer: " in out
     assert seen == ["user 1+1=<eos>assistant ", "1+1="]  # the template, then raw text
+
+
+def test_pad_equals_eos_models_save_a_pad_id_inside_their_vocabulary(tmp_path, policy_dir, tiny_ppo_args):
+    """A pad = EOS tokenizer gets tether's own pad token beyond the embeddings; saved configs must not name it
+    (Llama-family models refuse to load a pad id outside their vocabulary)."""
+    from tether.models import load_reward_model
+
+    init = tmp_path / "init"
+    load_causal_lm(policy_dir).save_pretrained(init)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    vocab = len(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(init)
+    pairs = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": "x"} for a in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    code = run(
+        [
+            "reward",
+            f"model.policy={init}",
+            f"reward.data={tmp_path / 'pairs.jsonl'}",
+            "reward.epochs=1",
+            "reward.batch_size=8",
+            "logging.print_every=0",
+            f"output_dir={tmp_path / 'rm'}",
+        ]
+    )
+    assert code == 0
+    model = load_reward_model(str(tmp_path / "rm" / "model"))
+    assert model.config.pad_token_id == tokenizer.eos_token_id < vocab

@@ -218,6 +218,13 @@ def save_model(model, tokenizer, path: Path, dtype: torch.dtype = torch.float32)
     return path
 
 
+def saved_pad_id(model, tokenizer) -> int:
+    """The pad id to write into a model's config: the tokenizer's, unless tether added it beyond the model's
+    embeddings (a pad = EOS tokenizer gets its own pad token, never embedded); then EOS, as such models pad."""
+    pad = tokenizer.pad_token_id
+    return pad if pad < model.get_input_embeddings().num_embeddings else tokenizer.eos_token_id
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator):
     """Index tensors of a fresh random permutation of range(n), cut into ``batch_size`` pieces."""
     order = torch.randperm(n, generator=generator)

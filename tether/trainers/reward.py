@@ -21,7 +21,16 @@ from tether.errors import TetherError
 from tether.models import enable_gradient_checkpointing, load_tokenizer, new_scalar_model, sequence_scores
 from tether.precision import Placement
 from tether.checkpoint import python_rng_state
-from tether.trainers.common import Shown, StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
+from tether.trainers.common import (
+    Shown,
+    StepCheckpoints,
+    lr_factor,
+    progress,
+    save_model,
+    saved_pad_id,
+    set_lr,
+    stop_requests,
+)
 from tether.tracking import MetricLogger
 
 SHOWN = (Shown("rm/loss", "loss", "loss", trend=True), Shown("rm/accuracy", "acc", "accuracy"))
@@ -100,7 +109,7 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print, resume_from: Path
     model = new_scalar_model(init, placement.trained_dtype, config.model.trust_remote_code)
     enable_gradient_checkpointing(config.model.gradient_checkpointing, model)
     model = placement.trained(model, cfg.lr)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = saved_pad_id(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     checkpoints = StepCheckpoints("reward", run_dir, config, model, optimizer, cfg.save_every)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size

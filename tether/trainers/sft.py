@@ -27,7 +27,16 @@ from tether.models import (
     tiny_config,
 )
 from tether.precision import Placement
-from tether.trainers.common import Shown, StepCheckpoints, lr_factor, progress, save_model, set_lr, stop_requests
+from tether.trainers.common import (
+    Shown,
+    StepCheckpoints,
+    lr_factor,
+    progress,
+    save_model,
+    saved_pad_id,
+    set_lr,
+    stop_requests,
+)
 from tether.tracking import MetricLogger
 
 SHOWN = (Shown("sft/loss", "loss", "loss", trend=True), Shown("sft/token_accuracy", "acc", "token accuracy"))
@@ -93,5 +102,5 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print, resume_from: Path | 
                 stats |= {"sft/lr": optimizer.param_groups[0]["lr"], "time/elapsed": time.time() - start}
                 logger.log({k: float(v) for k, v in stats.items()}, step)
             checkpoints.after_step(step + 1, cfg.steps, stop, {"sample_rng": rng.getstate()})
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config.pad_token_id = saved_pad_id(policy, tokenizer)
     return save_model(policy, tokenizer, run_dir / "model", placement.dtype)
