@@ -1,6 +1,11 @@
 """The one exception type a user sees: a one-line message naming the file, line or field at fault."""
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class TetherError(Exception):
     """Bad input from the user (a config field, a data file line, a model folder).
 

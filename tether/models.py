@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tether.errors import TetherError
+from tether.errors import TetherError, first_line
 from tether.precision import DTYPES, resolve_device  # noqa: F401  (resolve_device: kept importable from here)
 from tether.sources import resolve
 
@@ -79,17 +79,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError, ImportError) as e:
-        raise TetherError(f"tokenizer '{path}': {_first_line(e)}") from None
+        raise TetherError(f"tokenizer '{path}': {first_line(e)}") from None
     if tok.eos_token_id is None:
         raise TetherError(f"tokenizer '{path}': has no eos_token; set one in its tokenizer_config.json")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     tok.padding_side = "left"
     return tok
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -154,7 +150,7 @@ def _from_pretrained(
                 source.folder, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
             )
     except (OSError, ValueError, ImportError) as e:
-        raise TetherError(f"{what} '{path}': {_first_line(e)}") from None
+        raise TetherError(f"{what} '{path}': {first_line(e)}") from None
     return disable_dropout(model)
 
 

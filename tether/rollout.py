@@ -33,12 +33,23 @@ class Sampling:
 def stop_ids(tokenizer, policy=None) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS, then the ids in the policy's
     ``generation_config.eos_token_id`` (chat models often list their end-of-turn token there too)."""
-    ids = [tokenizer.eos_token_id]
-    extra = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    return merge_stops(
+        tokenizer.eos_token_id, getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    )
+
+
+def merge_stops(eos_id: int, extra) -> list[int]:
+    """``[eos_id]`` followed by the ids of ``extra`` (None, one id or a list of them) it does not hold yet."""
+    ids = [eos_id]
     for i in extra if isinstance(extra, (list, tuple)) else [extra]:
-        if i is not None and i not in ids:
+        if i is not None and int(i) not in ids:
             ids.append(int(i))
     return ids
+
+
+def as_stop_list(eos_id: int | list[int]) -> list[int]:
+    """One stop id or a list of them, as a list."""
+    return [eos_id] if isinstance(eos_id, int) else list(eos_id)
 
 
 @torch.no_grad()
@@ -51,7 +62,7 @@ def generate(
     keeps its stop token (and ``response_mask`` covers it); tokens after it become ``pad_id``. Sampling runs in the
     ``autocast()`` context.
     """
-    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    stops = as_stop_list(eos_id)
     config = GenerationConfig(
         do_sample=True,
         max_new_tokens=sampling.max_new_tokens,
@@ -75,8 +86,7 @@ def generate(
 
 def is_stop(ids: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
     """Bool tensor: where ``ids`` holds the stop token ``eos_id`` (or one of a list of them)."""
-    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    return torch.isin(ids, torch.tensor(stops, device=ids.device))
+    return torch.isin(ids, torch.tensor(as_stop_list(eos_id), device=ids.device))
 
 
 def mask_after_eos(response_ids: torch.Tensor, eos_id: int | list[int], pad_id: int):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from tether.errors import TetherError
+from tether.errors import TetherError, first_line
 
 TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 WEIGHT_FILES = ["*.safetensors"]
@@ -130,5 +130,5 @@ def _from_hub(download, path: str, what: str, local: str = "folder") -> str:
     except EntryNotFoundError:
         message = "no such file in that Hugging Face repo"
     except (HfHubHTTPError, OSError, ValueError) as e:
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        message = first_line(e)
     raise TetherError(f"{what} '{path}': {message}")

@@ -16,7 +16,7 @@ from tether.errors import GuardStop, TetherError
 from tether.legacy.config import PPOConfig
 from tether.legacy.value_head import AutoModelForCausalLMWithValueHead
 from tether.models import PAD_TOKEN, ActorCritic, freeze, reference_copy
-from tether.rollout import Sampling, build_rollout, generate
+from tether.rollout import Sampling, build_rollout, generate, merge_stops
 from tether.trainers.ppo import PPOTrainer as CorePPOTrainer
 from tether.types import Rollout
 
@@ -312,12 +312,7 @@ class PPOTrainer:
         if eos_token_id is None:
             return list(self.core.stops)
         given = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-        stops = [self.eos_id]
-        for i in given:
-            i = _whole(i, "eos_token_id")
-            if i not in stops:
-                stops.append(i)
-        return stops
+        return merge_stops(self.eos_id, [_whole(i, "eos_token_id") for i in given])
 
     def _fill_id(self, pad_token_id) -> int:
         """The id after the stop token when ``remove_padding=False``: ``pad_token_id``, else the tokenizer's pad or
