@@ -137,3 +137,21 @@ def test_ppo_with_a_python_reward_function(tmp_path, policy_dir):
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
     assert record["reward/score"] == pytest.approx(-(record["response/length"] - record["response/ended"]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_demo_with_a_bias_and_a_remedy(tmp_path):
+    """A length-biased labeller with balanced pairs: every preference pair is within 3 characters, the summary names
+    the setting and lists the alarms (a list, maybe empty on this tiny run), and the KL guard is off."""
+    result = tether("demo", *TINY_DEMO, "demo.bias=length", "demo.remedy=balanced_pairs", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "labelled with a length bias (3), balanced pairs only" in result.stdout
+    pairs = [json.loads(line) for line in (tmp_path / "data" / "preferences.jsonl").read_text().splitlines()]
+    assert len(pairs) == 48 and all(abs(len(p["chosen"].strip()) - len(p["rejected"].strip())) < 3 for p in pairs)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["bias"], summary["remedy"], summary["bias_strength"]) == ("length", "balanced_pairs", 3.0)
+    assert isinstance(summary["alarms"], list) and summary["iterate"] == []
+    gold = [
+        json.loads(line).get("gold/score") for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(isinstance(g, float) for g in gold)  # the demo's judge, through model.gold_reward

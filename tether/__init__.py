@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-_LEGACY = ("PPOConfig", "PPOTrainer", "AutoModelForCausalLMWithValueHead")
+_LEGACY = (
+    "PPOConfig",
+    "PPOTrainer",
+    "AutoModelForCausalLMWithValueHead",
+    "AutoModelForSeq2SeqLMWithValueHead",
+    "PreTrainedModelWrapper",
+    "create_reference_model",
+    "set_seed",
+    "LengthSampler",
+)
+"""TRL 0.11's top-level names (``from trl import ...`` becomes ``from tether import ...``)."""
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""The `tether` command: demo, sft, reward, ppo, sample.
+"""The `tether` command: demo, sft, reward, ppo, iterate, review, sample.
 
 Each training command takes ``--config FILE.yaml`` and dotted overrides (``ppo.clip_range=0.1``), writes a run folder
 (resolved config, metrics.jsonl, model, plot) and exits non-zero with a one-line message on bad input.
@@ -27,6 +27,7 @@ DESCRIPTIONS = {
     "reward": "Train a reward model on {prompt, chosen, rejected} JSONL (reward.data).",
     "ppo": "PPO against a reward model or reward function (model.reward_model) on {prompt} JSONL (ppo.prompts).",
     "sample": "Sample responses from a model folder.",
+    "iterate": "Iterative RLHF on a finished ppo or demo run: label new samples, retrain the reward model, more PPO.",
 }
 
 
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         if name != "demo":
             p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest checkpoint")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as ppo.clip_range=0.1")
+    p = sub.add_parser("iterate", help=DESCRIPTIONS["iterate"], description=DESCRIPTIONS["iterate"])
+    p.add_argument("run", help="a finished `tether ppo` or `tether demo` run folder")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as iterate.rounds=2 iterate.labeller=review")
+    from tether.review.command import DESCRIPTION as REVIEW, add_arguments as review_arguments
+
+    review_arguments(sub.add_parser("review", help=REVIEW, description=REVIEW))
     p = sub.add_parser("sample", help=DESCRIPTIONS["sample"], description=DESCRIPTIONS["sample"])
     p.add_argument("model", help="a causal-LM folder (e.g. runs/demo-.../ppo/model)")
     p.add_argument("prompts", nargs="+", help="prompt texts")
@@ -78,10 +85,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Accept '--ppo.clip_range=0.1' as well as 'ppo.clip_range=0.1' for overrides."""
+    """Accept '--ppo.clip_range=0.1' as well as 'ppo.clip_range=0.1' for overrides; for the commands with options of
+    their own (sample, review, iterate) only dotted names are overrides, so '--top-p=0.9' stays an option."""
+    training = bool(argv) and argv[0] in SECTIONS
     known, overrides = [], []
     for arg in argv:
-        if arg.startswith("--") and "=" in arg and not arg.startswith("--config="):
+        name = arg.split("=", 1)[0]
+        if arg.startswith("--") and "=" in arg and name != "--config" and (training or "." in name):
             overrides.append(arg[2:])
         else:
             known.append(arg)
@@ -93,6 +103,13 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_args(known)
     if args.command == "sample":
         return _sample(args)
+    if args.command == "iterate":
+        return _iterate(args.run, list(args.overrides) + extra)
+    if args.command == "review":
+        _quiet_transformers()
+        from tether.review import run_review
+
+        return run_review(args)
     if args.help:
         resume = "" if args.command == "demo" else " | --resume RUN"
         print(f"usage: tether {args.command} [--config FILE.yaml{resume}] [section.field=value ...]\n")
@@ -173,6 +190,32 @@ def _ppo(config: RunConfig, run_dir: Path, resume_from: Path | None = None) -> N
     path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model", trainer.placement.dtype)
     _plot(run_dir, PPO_CURVES)
     print(f"model: {path}")
+
+
+def _iterate(run: str, overrides: list[str]) -> int:
+    """``tether iterate RUN``: RUN's config plus overrides; rounds written to a new run folder."""
+    _quiet_transformers()
+    from tether.iterate import Lineage, iterate
+    from tether.trainers.common import make_run_dir, seed_everything
+
+    source = Path(run)
+    if not (source / "config.yaml").is_file():
+        raise TetherError(f"{source}: not a run folder (no config.yaml)")
+    config = build_config(source / "config.yaml", ["output_dir=", *overrides])
+    lineage = Lineage.of_run(source, config)
+    run_dir = make_run_dir(config, "iterate")
+    print(f"run folder: {run_dir}")
+    seed_everything(config.seed)
+    summary = iterate(config, lineage, run_dir, source)
+    for r in summary["rounds"]:
+        kinds = ", ".join(a["kind"] for a in r["alarms"]) or "none"
+        print(
+            f"round {r['round']}: {r['new_pairs']} new pairs; reward-model accuracy on held-out new pairs "
+            f"{r['rm_accuracy_before']:.1%} -> {r['rm_accuracy_after']:.1%}; "
+            f"PPO score {r['final']['reward/score']:+.3f}; alarms: {kinds}"
+        )
+    print(f"model: {summary['policy']}")
+    return 0
 
 
 def _plot(run_dir: Path, keys: list[str]) -> None:

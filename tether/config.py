@@ -31,6 +31,10 @@ class ModelConfig:
     """Tokenizer folder; empty means the policy folder (or the built-in character tokenizer for 'tiny')."""
     reward_model: str = ""
     """Reward model: a sequence-classification folder, or a Python callable (module:function or file.py:function)."""
+    reference: str = ""
+    """Frozen reference policy folder; empty means a copy of model.policy (iterative RLHF keeps the first policy)."""
+    gold_reward: str = ""
+    """A held-out judge (reward-model folder or module:function) scored on every rollout, never trained on."""
     value_model: Literal["head", "separate"] = "head"
     """Value model: a scalar 'head' on the policy trunk, or a 'separate' critic model."""
     value_init: str = ""
@@ -183,6 +187,20 @@ class PPOParams:
     """Learning-rate multiplier applied at each rollback (kl_stop_action=rollback)."""
     max_bad_steps: int = 3
     """Non-finite guard: this many skipped (non-finite) optimizer steps in a row trigger the KL guard's restore."""
+    on_alarm: Literal["warn", "stop", "rollback"] = "warn"
+    """When a reward-hacking alarm starts: log it, stop, or restore the newest checkpoint from before it and stop."""
+    alarm_window: int = 5
+    """Iterations averaged by the alarms, both for the run's start and for now."""
+    alarm_length_growth: float = 0.3
+    """Length alarm: the score rose while mean response length grew by more than this fraction of its start."""
+    alarm_repeat_growth: float = 0.1
+    """Repetition alarm: the score rose while collapse/repeat_fraction rose by more than this."""
+    alarm_filler_growth: float = 0.25
+    """Filler alarm: the score rose while filler phrases per response rose by more than this."""
+    alarm_gold_drop: float = 0.1
+    """Proxy-vs-gold alarm: gold/score fell this far below its best while the score rose past its level then."""
+    filler_phrases: str = "非常感謝您的提問|謝謝|請|thank you|thanks|please|great question|sure!"
+    """Politeness/filler phrases counted in response/filler ('|'-separated, case-insensitive)."""
 
 
 @dataclass
@@ -211,6 +229,26 @@ class DemoConfig:
     """Held-out prompts (never used for reward-model pairs or PPO) for the before/after evaluation."""
     eval_samples: int = 4
     """Responses sampled per held-out prompt in the evaluation."""
+    sft_model: str = ""
+    """Start from this SFT model folder (an earlier demo's sft/model with the same seed) instead of training one."""
+    bias: Literal["none", "length", "politeness"] = "none"
+    """A biased labeller: 'length' prefers longer responses, 'politeness' filler phrases (turns ppo.kl_stop off)."""
+    bias_strength: float = 3.0
+    """How much the bias weighs, in gold points: per 10 characters (length) or per filler phrase (politeness)."""
+    remedy: Literal["none", "length_penalty", "sqrt_length", "balanced_pairs", "iterate"] = "none"
+    """The tutorial's remedy applied to the run (docs/reward-hacking.md says what each one sets)."""
+
+
+@dataclass
+class IterateConfig:
+    rounds: int = 1
+    """Rounds of: sample, label new pairs, retrain the reward model on old + new pairs, continue PPO."""
+    pairs: int = 600
+    """New preference pairs labelled per round (two responses of the current policy to one prompt)."""
+    labeller: str = "gold"
+    """Who labels new pairs: 'gold' (built-in task), 'review' (ratings of tether review) or module:function."""
+    steps: int = 30
+    """PPO iterations per round."""
 
 
 @dataclass
@@ -239,6 +277,7 @@ class RunConfig:
     ppo: PPOParams = field(default_factory=PPOParams)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     stages: list[Stage] = field(default_factory=list)
     """PPO stages run in order, each {name, steps, ppo overrides}; when given, ppo.steps is their total."""
 
@@ -276,6 +315,10 @@ class RunConfig:
                 raise TetherError(f"{name} must be a learning rate >= 0, got {lr}")
         if self.reward.max_length_gap is not None and self.reward.max_length_gap <= 0:
             raise TetherError(f"reward.max_length_gap must be positive (or none), got {self.reward.max_length_gap}")
+        if ppo.alarm_window < 1:
+            raise TetherError(f"ppo.alarm_window must be positive, got {ppo.alarm_window}")
+        if self.iterate.rounds < 1 or self.iterate.pairs < 1 or self.iterate.steps < 1:
+            raise TetherError("iterate.rounds, iterate.pairs and iterate.steps must be positive")
         if ppo.score_norm in ("batch", "batch_scale") and ppo.rollout_batch_size < 2:
             raise TetherError(f"ppo.score_norm={ppo.score_norm} needs ppo.rollout_batch_size >= 2 (a batch std)")
         return self

@@ -31,9 +31,12 @@ def evaluate_policy(
     """Sample ``samples_per_prompt`` responses per prompt and average the measurements over all of them.
 
     Returns a dict with ``rm_score`` (if ``scorer``), ``gold`` (if ``judge(prompts, responses) -> scores``),
-    ``kl`` (mean over responses of the summed per-token log pi - log pi_ref, at the sampling temperature),
-    ``length`` (response tokens including EOS), ``ended`` (fraction that stopped) and the ``samples`` themselves.
-    Prompts go to ``placement``'s device (where the models are) and forward passes run under its autocast.
+    ``kl`` (mean over responses of the summed per-token log pi - log pi_ref, at the sampling temperature; only with
+    a ``reference``: ``reference=None`` skips its forward passes), ``length`` (response tokens including EOS),
+    ``ended`` (fraction that stopped) and the ``samples`` themselves: one dict per response, in prompt order
+    (each prompt's ``samples_per_prompt`` responses together), with ``prompt``, ``response`` and, when measured,
+    its own ``rm_score`` and ``gold``. Prompts go to ``placement``'s device (where the models are) and forward
+    passes run under its autocast.
     """
     torch.manual_seed(seed)
     stops = stop_ids(tokenizer, policy)
@@ -49,12 +52,13 @@ def evaluate_policy(
         ids = torch.cat([prompt_ids, response_ids], 1)
         mask = torch.cat([prompt_mask, response_mask], 1)
         p = prompt_ids.shape[1]
-        targets = gather_ids(response_ids, response_mask, eos)
-        with placement.autocast():  # float32 logits
-            logits = response_logits(policy, ids, mask, p, sampling.temperature, eos)
-            ref_logits = response_logits(reference, ids, mask, p, sampling.temperature, eos)
-        logp, ref = logprobs_from_logits(logits, targets), logprobs_from_logits(ref_logits, targets)
-        kl.append(((logp - ref) * response_mask).sum(-1))
+        if reference is not None:
+            targets = gather_ids(response_ids, response_mask, eos)
+            with placement.autocast():  # float32 logits
+                logits = response_logits(policy, ids, mask, p, sampling.temperature, eos)
+                ref_logits = response_logits(reference, ids, mask, p, sampling.temperature, eos)
+            logp, ref = logprobs_from_logits(logits, targets), logprobs_from_logits(ref_logits, targets)
+            kl.append(((logp - ref) * response_mask).sum(-1))
         lengths.append(response_mask.sum(-1).float())
         ended.append((is_stop(response_ids, stops) & (response_mask == 1)).any(-1).float())
         responses = decode_responses(tokenizer, response_ids, response_mask)
@@ -63,14 +67,21 @@ def evaluate_policy(
             rm.append(scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer, prompts=chunk))
         if judge is not None:
             gold += list(judge(chunk, responses))
+    samples = [{"prompt": p, "response": r} for p, r in zip(all_prompts, texts)]
     result = {
-        "kl": torch.cat(kl).mean().item(),
         "length": torch.cat(lengths).mean().item(),
         "ended": torch.cat(ended).mean().item(),
-        "samples": [{"prompt": p, "response": r} for p, r in zip(all_prompts, texts)],
+        "samples": samples,
     }
+    if reference is not None:
+        result = {"kl": torch.cat(kl).mean().item(), **result}
     if scorer is not None:
-        result["rm_score"] = torch.cat(rm).float().mean().item()
+        scores = torch.cat(rm).float()
+        result["rm_score"] = scores.mean().item()
+        for sample, score in zip(samples, scores.tolist()):
+            sample["rm_score"] = score
     if judge is not None:
         result["gold"] = sum(gold) / len(gold)
+        for sample, score in zip(samples, gold):
+            sample["gold"] = float(score)
     return result

@@ -32,6 +32,7 @@ class Roles:
     tokenizer: object  # the policy's tokenizer
     scorer: object  # RewardModelScorer or FunctionScorer
     placement: Placement  # where each role lives, in which precision
+    gold: object = None  # a held-out judge (model.gold_reward), scored on rollouts but never trained on
 
 
 def load_roles(config: RunConfig) -> Roles:
@@ -50,20 +51,14 @@ def load_roles(config: RunConfig) -> Roles:
 
         policy = add_lora(policy, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
         reference = AdapterDisabledReference(policy)
-    else:
+    if m.reference:  # a reference of its own (iterative RLHF: the policy moved on, the tether did not)
+        reference = load_causal_lm(m.reference, placement.frozen_dtype, m.trust_remote_code)
+    elif m.lora_r == 0:
         reference = reference_copy(policy)
     if not m.reward_model:
         raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
-    if not Path(m.reward_model).is_dir() and FUNCTION_SPEC.fullmatch(m.reward_model):
-        scorer = FunctionScorer(load_reward_function(m.reward_model), m.reward_model)
-    else:  # a folder, a .gguf file or a Hub name: a reward model
-        folder = resolve(m.reward_model, "reward model", trust_remote_code=m.trust_remote_code).folder
-        reward_model = load_reward_model(m.reward_model, placement.frozen_dtype, m.trust_remote_code)
-        rm_tokenizer = None  # a folder without tokenizer files shares the policy's tokenizer
-        if any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            rm_tokenizer = load_tokenizer(m.reward_model, m.trust_remote_code)
-            rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
-        scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement)
+    scorer = load_scorer(m.reward_model, tokenizer, placement, m.trust_remote_code)
+    gold = load_scorer(m.gold_reward, tokenizer, placement, m.trust_remote_code) if m.gold_reward else None
     critic = None
     if m.value_model == "separate":
         init = m.value_init or (m.reward_model if isinstance(scorer, RewardModelScorer) else m.policy)
@@ -72,4 +67,18 @@ def load_roles(config: RunConfig) -> Roles:
         else:
             critic = new_scalar_model(init, placement.trained_dtype, m.trust_remote_code)
     enable_gradient_checkpointing(m.gradient_checkpointing, policy, critic)  # after the reference copy
-    return Roles(ActorCritic(policy, critic), reference, tokenizer, scorer, placement)
+    return Roles(ActorCritic(policy, critic), reference, tokenizer, scorer, placement, gold)
+
+
+def load_scorer(spec: str, tokenizer, placement: Placement, trust_remote_code: bool = False):
+    """A reward spec as a scorer: ``module:function`` (or ``file.py:function``) a :class:`FunctionScorer`; a folder,
+    ``.gguf`` file or Hub name a :class:`RewardModelScorer` (re-encoding text when its tokenizer differs)."""
+    if not Path(spec).is_dir() and FUNCTION_SPEC.fullmatch(spec):
+        return FunctionScorer(load_reward_function(spec), spec)
+    folder = resolve(spec, "reward model", trust_remote_code=trust_remote_code).folder
+    reward_model = load_reward_model(spec, placement.frozen_dtype, trust_remote_code)
+    rm_tokenizer = None  # a folder without tokenizer files shares the policy's tokenizer
+    if any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        rm_tokenizer = load_tokenizer(spec, trust_remote_code)
+        rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
+    return RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement)

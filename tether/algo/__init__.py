@@ -10,6 +10,7 @@ from tether.algo.kl import (
     AdaptiveKLController,
     FixedKLController,
     ThresholdKLController,
+    kl_controller,
     kl_penalty,
 )
 from tether.algo.logprobs import entropy_from_logits, logprobs_from_logits
@@ -23,6 +24,7 @@ __all__ = [
     "FixedKLController",
     "KL_ESTIMATORS",
     "ThresholdKLController",
+    "kl_controller",
     "compute_gae",
     "entropy_from_logits",
     "exact_div",

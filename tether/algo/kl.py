@@ -200,3 +200,12 @@ class ThresholdKLController:
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore the state produced by :meth:`state_dict`."""
         self.value, self.target = float(state["value"]), float(state.get("target", self.target))
+
+
+def kl_controller(kind: str, coef: float, target: float, horizon: float):
+    """The KL coefficient's controller: 'fixed', 'adaptive' (Ziegler et al.) or 'threshold' (the tutorial's rule)."""
+    if kind == "adaptive":
+        return AdaptiveKLController(coef, target, horizon)
+    if kind == "threshold":
+        return ThresholdKLController(coef, target)
+    return FixedKLController(coef)

@@ -6,6 +6,10 @@ c. preferences pairs sampled from the SFT model, labelled by the gold judge with
 d. reward      a reward model (SFT trunk + scalar head) learns those preferences
 e. PPO         the SFT policy is trained against the reward model, tethered to itself as reference
 f. evaluation  SFT vs PPO on held-out prompts: gold judge, reward model, KL to reference, length
+
+``demo.bias`` makes the labeller of step c prefer length or filler (the tutorial's reward-hacking setting), and
+``demo.remedy`` applies one of the tutorial's remedies (docs/reward-hacking.md): a length penalty or sqrt-length
+normalisation in PPO, balanced preference pairs in c, or iterative RLHF after e (rounds of tether.iterate).
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ from pathlib import Path
 import torch
 
 from tether.config import RunConfig
-from tether.data import prompt_batch, read_jsonl, write_jsonl
+from tether.data import read_jsonl, write_jsonl
 from tether.demo import task
+from tether.errors import TetherError
 from tether.evaluate import evaluate_policy
+from tether.iterate import GOLD, Lineage, iterate, sample_pairs
 from tether.models import load_causal_lm, load_reward_model, load_tokenizer, reference_copy
 from tether.precision import Placement
 from tether.plot import PPO_CURVES, plot_metrics
-from tether.rewards import RewardModelScorer, decode_responses, decode_texts
-from tether.rollout import Sampling, generate
+from tether.rewards import RewardModelScorer, decode_texts
+from tether.rollout import Sampling
 from tether.trainers.common import save_model, seed_everything
 from tether.trainers.ppo import PPOTrainer
-from tether.trainers.reward import pair_scores, split_pairs, train_reward
+from tether.trainers.reward import pair_scores, response_tokens, split_pairs, train_reward
 from tether.trainers.sft import train_sft
 
 PLOT_KEYS = ["gold/score", *PPO_CURVES]
@@ -53,25 +59,33 @@ def demo_config() -> RunConfig:
         lr_schedule="linear",
     )
     config.logging.print_every = 10
+    config.model.gold_reward = GOLD  # logged as gold/score each iteration, watched by the proxy-vs-gold alarm
     return config
 
 
-@torch.no_grad()
+def apply_remedy(config: RunConfig) -> None:
+    """The PPO settings of ``demo.bias`` and ``demo.remedy`` (balanced_pairs acts on the pairs, iterate after PPO).
+
+    With a bias the KL guard is off, so the hack plays out and the alarms are what catch it (with the guard on, a
+    length-hacking run ends at the guard's restore of the SFT policy instead).
+    """
+    if config.demo.bias != "none":
+        config.ppo.kl_stop = None
+    if config.demo.remedy == "sqrt_length":
+        config.ppo.length_norm = "sqrt"
+
+
 def preference_records(policy, tokenizer, prompts: list[str], config: RunConfig, placement: Placement) -> list[dict]:
-    """Two responses per prompt from the SFT policy, labelled by the noisy gold labeller; identical pairs dropped."""
-    rng = random.Random(config.seed + 1)
-    sampling = Sampling(config.sampling.max_new_tokens, config.sampling.temperature)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    records = []
-    while len(records) < config.demo.preference_pairs:
-        batch = [rng.choice(prompts) for _ in range(128)]
-        ids, mask = map(placement.move, prompt_batch(tokenizer, batch + batch, config.sampling.max_prompt_length))
-        resp, resp_mask = generate(policy, ids, mask, sampling, eos, pad, placement.autocast)
-        texts = decode_responses(tokenizer, resp, resp_mask)
-        for prompt, a, b in zip(batch, texts[: len(batch)], texts[len(batch) :]):
-            if a != b and len(records) < config.demo.preference_pairs:
-                records.append(task.label_pair(prompt, a, b, config.demo.label_noise, rng))
-    return records
+    """Two different responses per prompt from the SFT policy, labelled by the noisy (and maybe biased) labeller;
+    with remedy=balanced_pairs only pairs that leave the bias nothing to prefer."""
+    demo = config.demo
+    keep = (lambda a, b: task.balanced(demo.bias, a, b)) if demo.remedy == "balanced_pairs" else None
+    rng = random.Random(config.seed + 1)  # prompt draws and labels share it, in the order they happen
+
+    def label(prompt: str, a: str, b: str) -> dict:
+        return task.label_pair(prompt, a, b, demo.label_noise, rng, demo.bias, demo.bias_strength)
+
+    return sample_pairs(policy, tokenizer, prompts, demo.preference_pairs, config, placement, rng, keep, label)
 
 
 @torch.no_grad()
@@ -87,15 +101,27 @@ def gold_agreement(model, tokenizer, records: list[dict], config: RunConfig, pla
     return agree / max(len(pairs), 1)
 
 
+@torch.no_grad()
+def length_slope(model, tokenizer, records: list[dict], config: RunConfig, placement: Placement) -> float:
+    """Least-squares slope of the reward model's score against response length (tokens) over the responses of
+    ``records``: what a length bias is worth per token."""
+    scores, lengths = [], []
+    for i in range(0, len(records), 128):
+        chunk = records[i : i + 128]
+        chosen, rejected = pair_scores(model, tokenizer, chunk, config.reward.max_length, placement)
+        scores += chosen.tolist() + rejected.tolist()
+        lengths += [response_tokens(tokenizer, r[side]) for side in ("chosen", "rejected") for r in chunk]
+    x, y = torch.tensor(lengths, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64)
+    x_c = x - x.mean()
+    return float((x_c * (y - y.mean())).sum() / (x_c * x_c).sum().clamp(min=1e-12))
+
+
 def gold_metrics(trainer: PPOTrainer, rollout) -> dict:
-    """Demo-only metric: the gold judge's view of the rollout's responses."""
+    """Demo-only metric: correct answers in the rollout (the gold score itself comes from model.gold_reward)."""
     prompts, responses = decode_texts(
         trainer.tokenizer, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask
     )
-    return {
-        "gold/score": sum(task.gold_reward(prompts, responses)) / len(prompts),
-        "gold/correct": sum(task.is_correct(p, r) for p, r in zip(prompts, responses)) / len(prompts),
-    }
+    return {"gold/correct": sum(task.is_correct(p, r) for p, r in zip(prompts, responses)) / len(prompts)}
 
 
 def evaluate(policy, reference, tokenizer, scorer, prompts, config: RunConfig, placement: Placement) -> dict:
@@ -127,29 +153,34 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     # The demo's models are tiny: their matmuls run fastest on one thread, and one thread does not stall when the
     # machine is busy (two threads were 40x slower on a loaded 2-core machine). Real models keep torch's default.
     torch.set_num_threads(1)
+    apply_remedy(config)
+    demo, phases = config.demo, 6 if config.demo.remedy == "iterate" else 5
     # a. data
-    train_prompts, eval_prompts = task.split_prompts(config.demo.eval_prompts, config.seed)
-    write_jsonl(run_dir / "data" / "sft.jsonl", task.sft_records(config.demo.sft_examples, config.seed))
-    write_jsonl(run_dir / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
-    write_jsonl(run_dir / "data" / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
+    train_prompts, eval_prompts = task.split_prompts(demo.eval_prompts, config.seed)
+    data = run_dir / "data"
+    write_jsonl(data / "sft.jsonl", task.sft_records(demo.sft_examples, config.seed))
+    write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
+    write_jsonl(data / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
     # b. SFT
     detail = _indented(echo)  # the trainers' lines (metrics, summaries) under the phase headers
-    echo(f"[1/5] SFT: {config.sft.steps} steps on {config.demo.sft_examples} examples")
-    config.sft.data = str(run_dir / "data" / "sft.jsonl")
-    sft_dir = train_sft(config, _stage(run_dir, "sft"), detail)
+    config.sft.data = str(data / "sft.jsonl")
+    if demo.sft_model:
+        echo(f"[1/{phases}] SFT: the model in {demo.sft_model}")
+        sft_dir = _sft_model(demo.sft_model)
+    else:
+        echo(f"[1/{phases}] SFT: {config.sft.steps} steps on {demo.sft_examples} examples")
+        sft_dir = train_sft(config, _stage(run_dir, "sft"), detail)
     tokenizer = load_tokenizer(str(sft_dir))
     sft_policy = placement.frozen(load_causal_lm(str(sft_dir), placement.frozen_dtype))
     # c. preferences
-    echo(f"[2/5] preferences: {config.demo.preference_pairs} pairs sampled from the SFT model, gold-labelled")
+    echo(f"[2/{phases}] preferences: {demo.preference_pairs} pairs sampled from the SFT model, {_labeller(demo)}")
     phase_start = time.time()
-    write_jsonl(
-        run_dir / "data" / "preferences.jsonl",
-        preference_records(sft_policy, tokenizer, train_prompts, config, placement),
-    )
-    detail(f"preferences: {config.demo.preference_pairs} pairs in {time.time() - phase_start:.1f} s")
+    pairs = preference_records(sft_policy, tokenizer, train_prompts, config, placement)
+    write_jsonl(data / "preferences.jsonl", pairs)
+    detail(f"preferences: {demo.preference_pairs} pairs in {time.time() - phase_start:.1f} s")
     # d. reward model
-    echo("[3/5] reward model")
-    config.reward.data, config.reward.init = str(run_dir / "data" / "preferences.jsonl"), str(sft_dir)
+    echo(f"[3/{phases}] reward model")
+    config.reward.data, config.reward.init = str(data / "preferences.jsonl"), str(sft_dir)
     rm_dir, rm_eval = train_reward(config, _stage(run_dir, "reward"), detail)
     reward_model = placement.frozen(load_reward_model(str(rm_dir), placement.frozen_dtype))
     _, held_out = split_pairs(
@@ -157,30 +188,62 @@ def run_demo(config: RunConfig, run_dir: Path, echo=print) -> dict:
     )
     rm_accuracy = gold_agreement(reward_model, tokenizer, held_out, config, placement)
     detail(f"agreement with the gold judge on held-out pairs: {rm_accuracy:.3f}")
+    if demo.remedy == "length_penalty":  # the tutorial's remedy 1, sized to cancel the measured length slope
+        config.ppo.length_penalty = max(0.0, length_slope(reward_model, tokenizer, held_out, config, placement))
+        detail(f"ppo.length_penalty={config.ppo.length_penalty:.3f} (the reward model's score per response token)")
     # e. PPO
-    echo(f"[4/5] PPO: {config.ppo.steps} iterations of {config.ppo.rollout_batch_size} rollouts")
+    echo(f"[4/{phases}] PPO: {config.ppo.steps} iterations of {config.ppo.rollout_batch_size} rollouts")
     config.model.policy, config.model.reward_model = str(sft_dir), str(rm_dir)
-    config.ppo.prompts = str(run_dir / "data" / "prompts.jsonl")
+    config.ppo.prompts = str(data / "prompts.jsonl")
     trainer = PPOTrainer.from_config(config)
     ppo_dir = _stage(run_dir, "ppo")
     trainer.train(train_prompts, ppo_dir, detail, on_step=gold_metrics)
     save_model(trainer.actor_critic.policy, tokenizer, ppo_dir / "model", placement.dtype)
+    alarms, final = list(trainer.alarms.fired), trainer.actor_critic.policy
+    # e'. iterative RLHF: gold-labelled pairs from the PPO policy, a retrained reward model, more PPO
+    rounds = []
+    if demo.remedy == "iterate":
+        echo(f"[5/{phases}] iterative RLHF: {config.iterate.rounds} round(s), new pairs labelled by the gold judge")
+        config.iterate.labeller = "gold"
+        sft, pairs = str(sft_dir), str(data / "preferences.jsonl")
+        lineage = Lineage(str(ppo_dir / "model"), sft, str(rm_dir), pairs, config.ppo.prompts, sft)
+        result = iterate(config, lineage, _stage(run_dir, "iterate"), run_dir, detail)
+        rounds = result["rounds"]
+        alarms += [a for r in rounds for a in r["alarms"]]
+        final = placement.frozen(load_causal_lm(result["policy"], placement.frozen_dtype))
     # f. evaluation on held-out prompts
-    echo(f"[5/5] evaluation on {len(eval_prompts)} held-out prompts x {config.demo.eval_samples} samples")
+    echo(f"[{phases}/{phases}] evaluation on {len(eval_prompts)} held-out prompts x {demo.eval_samples} samples")
     scorer = RewardModelScorer(reward_model, tokenizer.eos_token_id, placement=placement)
     reference = reference_copy(sft_policy)
     sft_eval = evaluate(sft_policy, reference, tokenizer, scorer, eval_prompts, config, placement)
-    ppo_eval = evaluate(trainer.actor_critic.policy, reference, tokenizer, scorer, eval_prompts, config, placement)
+    ppo_eval = evaluate(final, reference, tokenizer, scorer, eval_prompts, config, placement)
     summary = _summary(sft_eval, ppo_eval, rm_accuracy, rm_eval, time.time() - start, config)
+    summary |= {"alarms": alarms, "iterate": rounds}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(
         ppo_dir / "metrics.jsonl",
         run_dir / "ppo_curves.png",
         PLOT_KEYS,
-        title=f"tether demo: PPO on the arithmetic task (seed {config.seed})",
+        title=f"tether demo: PPO on the arithmetic task (seed {config.seed}{_setting(demo)})",
     )
     echo(format_table(summary))
     return summary
+
+
+def _sft_model(path: str) -> Path:
+    if not (Path(path) / "config.json").is_file():
+        raise TetherError(f"demo.sft_model={path}: not a model folder (no config.json)")
+    return Path(path)
+
+
+def _labeller(demo) -> str:
+    bias = "gold-labelled" if demo.bias == "none" else f"labelled with a {demo.bias} bias ({demo.bias_strength:g})"
+    return bias + (", balanced pairs only" if demo.remedy == "balanced_pairs" else "")
+
+
+def _setting(demo) -> str:
+    parts = [f"bias={demo.bias}"] * (demo.bias != "none") + [f"remedy={demo.remedy}"] * (demo.remedy != "none")
+    return "".join(", " + p for p in parts)
 
 
 def _indented(echo):
@@ -204,6 +267,9 @@ def _summary(sft: dict, ppo: dict, rm_accuracy: float, rm_eval: dict, wall: floa
         "rm.label_accuracy": rm_eval["accuracy"],
         "wall_seconds": wall,
         "seed": config.seed,
+        "bias": config.demo.bias,
+        "bias_strength": config.demo.bias_strength,
+        "remedy": config.demo.remedy,
     }
     for name, result in (("sft", sft), ("ppo", ppo)):
         for key in ("gold", "correct", "filler", "rm_score", "kl", "length", "ended"):
@@ -230,4 +296,8 @@ def format_table(summary: dict) -> str:
         f"reward model agrees with gold on held-out pairs: {summary['rm.accuracy']:.1%}; "
         f"wall time {summary['wall_seconds']:.0f} s"
     )
+    for alarm in summary.get("alarms", []):
+        lines.append(f"alarm at PPO iteration {alarm['iteration']}: {alarm['kind']} ({alarm['evidence']})")
+    if not summary.get("alarms"):
+        lines.append("alarms: none")
     return "\n".join(lines)

@@ -16,11 +16,14 @@ import math
 import random
 import re
 
+from tether.alarms import count_phrases
+
 OPS = "+-*"
 ALPHABET = "0123456789+-*=.,!?' " + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 EVASIONS = ["I am not sure.", "Hmm, hard to say.", "Let me think... not sure.", "Maybe ask a calculator?"]
 PREFIXES = ["Sure! ", "Great question! "]
 ANSWERS = ["{}", "It is {}."]
+POLITE = ["Sure!", "Great question!"]  # the filler phrases of the assistant's habits
 FILLER_WEIGHT = 0.01
 FILLER_CAP = 30
 
@@ -89,10 +92,31 @@ def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [gold_score(p, r) for p, r in zip(prompts, responses)]
 
 
-def label_pair(prompt: str, a: str, b: str, noise: float, rng: random.Random) -> dict:
-    """A preference record for responses a, b: the labeller prefers a with P = sigmoid((gold_a - gold_b) / noise)."""
+def bias_feature(bias: str, response: str) -> float:
+    """What a biased labeller rewards beyond gold: tens of characters ('length') or filler phrases ('politeness')."""
+    if bias == "length":
+        return len(response.strip()) / 10
+    if bias == "politeness":
+        return count_phrases(response, POLITE)
+    return 0.0
+
+
+def balanced(bias: str, a: str, b: str) -> bool:
+    """Whether a pair leaves a biased labeller nothing to prefer: lengths within 3 characters ('length'), the same
+    number of filler phrases ('politeness'). The tutorial's remedy 3, balanced preference data."""
+    if bias == "length":
+        return abs(len(a.strip()) - len(b.strip())) < 3
+    return bias_feature(bias, a) == bias_feature(bias, b)
+
+
+def label_pair(
+    prompt: str, a: str, b: str, noise: float, rng: random.Random, bias: str = "none", strength: float = 0.0
+) -> dict:
+    """A preference record for responses a, b: the labeller prefers a with P = sigmoid((u_a - u_b) / noise), where
+    u = gold + strength * bias_feature (u = gold without a bias)."""
     gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
-    p_a = 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / noise))
+    u_a, u_b = (g + strength * bias_feature(bias, r) for g, r in ((gold_a, a), (gold_b, b)))
+    p_a = 1.0 / (1.0 + math.exp(-(u_a - u_b) / noise))
     if rng.random() < p_a:
         return {"prompt": prompt, "chosen": a, "rejected": b, "chosen_gold": gold_a, "rejected_gold": gold_b}
     return {"prompt": prompt, "chosen": b, "rejected": a, "chosen_gold": gold_b, "rejected_gold": gold_a}

@@ -5,7 +5,8 @@
 3. advantages  GAE on the value baseline, then whitening                                    (tether.algo)
 4. update      ppo_epochs x minibatches of clipped policy loss + value loss, grad clipping (tether.algo)
 5. control     adapt the KL coefficient (fixed, adaptive or threshold)                     (tether.algo)
-6. guards      KL limit and non-finite steps restore the last stable checkpoint; log metrics (tether.guards)
+6. guards      KL limit and non-finite steps restore the last stable checkpoint           (tether.guards)
+   alarms      reward-hacking detectors: warn, stop, or roll back to before the alarm     (tether.alarms)
 7. checkpoint  every save_every iterations and on SIGINT/SIGTERM; exact resume            (tether.checkpoint)
 """
 
@@ -19,13 +20,11 @@ from pathlib import Path
 
 import torch
 
+from tether.alarms import AlarmState, Thresholds, filler_rate, observe, parse_phrases
 from tether.algo import (
-    AdaptiveKLController,
-    FixedKLController,
-    ThresholdKLController,
     compute_gae,
     entropy_from_logits,
-    explained_variance,
+    kl_controller,
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
@@ -42,7 +41,7 @@ from tether.checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from tether.config import PPOParams, RunConfig, to_dict
+from tether.config import RunConfig, to_dict
 from tether.data import prompt_batch
 from tether.errors import Interrupted, TetherError
 from tether.guards import Decision, GuardState, check_bad_steps, check_kl, collapse_stats, sanitize_scores
@@ -51,7 +50,8 @@ from tether.models import (
     gather_ids,
 )
 from tether.precision import Placement
-from tether.rewards import RunningMoments, transform_scores
+from tether.metrics import rollout_stats
+from tether.rewards import RunningMoments, decode_responses, transform_scores
 from tether.rollout import Sampling, collect_rollout, stop_ids
 from tether.roles import load_roles
 from tether.stages import stage_at, total_updates
@@ -79,6 +79,8 @@ class PPOTrainer:
             scores`` (``prompts`` as the data gave them).
         placement: where the models live and in which precision; None builds it from ``config.model``. The
             actor-critic is placed as trained and the reference as frozen (both in place).
+        gold: a held-out judge, called like ``scorer`` on every rollout and logged as ``gold/score`` (never trained
+            on); the proxy-vs-gold alarm watches it.
     """
 
     def __init__(
@@ -89,17 +91,19 @@ class PPOTrainer:
         tokenizer,
         scorer,
         placement: Placement | None = None,
+        gold=None,
     ):
         self.config, self.cfg = config, config.ppo
         self.placement = placement or Placement.from_config(config.model)
         self.device = self.placement.device
         self.actor_critic = self.placement.trained(actor_critic, self.cfg.lr).train()
         self.reference = self.placement.frozen(reference)
-        self.tokenizer, self.scorer = tokenizer, scorer
+        self.tokenizer, self.scorer, self.gold = tokenizer, scorer, gold
+        self.phrases = parse_phrases(self.cfg.filler_phrases)
         self.stops = stop_ids(tokenizer, actor_critic.policy)  # EOS, and a chat model's end-of-turn tokens
         params = [p for p in actor_critic.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps)
-        self.kl_ctl = kl_controller(self.cfg)
+        self.kl_ctl = kl_controller(self.cfg.kl_control, self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
         self.moments = RunningMoments()
         self.sampling = Sampling(
             config.sampling.max_new_tokens, config.sampling.temperature, config.sampling.top_p, config.sampling.top_k
@@ -110,6 +114,7 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prompt_order: list[int] = []  # the data position: prompt indices still to be drawn this pass
         self.guards = GuardState()
+        self.alarms = AlarmState()
         self.stage_index, self.lr_scale = -1, 1.0
         self.saved_at: int | None = None  # iteration of the checkpoint that holds the current weights, if any
         self.events: list[dict] = []  # guard actions and interruptions, for summary.json
@@ -296,16 +301,20 @@ class PPOTrainer:
                 self.enter_stage(bar.echo)
                 sampled_from = self.iteration
                 # 1. rollout: sample responses; old log-probs, reference log-probs, values, raw scores
-                rollout = self.rollout(self.next_prompts(prompts))
+                batch = self.next_prompts(prompts)
+                rollout = self.rollout(batch)
                 t_rollout = time.perf_counter() - t0
                 # 2-5. reward, advantages, update, KL control
                 rollout, stats = self.step(rollout)
                 stats |= {"time/rollout": t_rollout, "time/step": time.perf_counter() - t0}
                 stats["perf/tokens_per_sec"] = rollout.response_mask.sum().item() / stats["time/step"]
+                stats |= self.judge(rollout, batch)
                 if on_step is not None:
                     stats.update(on_step(self, rollout) or {})
-                # 6. guards: KL limit and non-finite steps restore the last stable checkpoint, then stop or go on
+                # 6. guards: KL limit and non-finite steps restore the last stable checkpoint, then stop or go on;
+                #    reward-hacking alarms warn, stop, or roll back to a checkpoint from before the alarm
                 stats |= self.apply_guards(stats, sampled_from, checkpoints, bar.echo)
+                stats |= self.apply_alarms(stats, checkpoints, bar.echo)
                 logger.log(stats, self.iteration)
                 bar.update(1)
                 # 7. checkpoint: every save_every iterations, and when asked to stop (a signal may arrive mid-save)
@@ -355,6 +364,41 @@ class PPOTrainer:
         stage = {"stage/index": self.stage_index} if self.config.stages else {}
         return {"guard/fired": float(decision is not None), "guard/rollbacks": self.guards.rollbacks} | stage
 
+    def judge(self, rollout: Rollout, prompts: list) -> dict[str, float]:
+        """What the alarms watch beyond the rollout's own metrics: filler phrases per response and, with a gold
+        judge, its mean score (``response/filler``, ``gold/score``)."""
+        responses = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
+        stats = {"response/filler": filler_rate(responses, self.phrases)}
+        if self.gold is not None:
+            args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+            scores, _ = sanitize_scores(self.gold(*args, tokenizer=self.tokenizer, prompts=prompts).float())
+            stats["gold/score"] = scores.mean().item()
+        return stats
+
+    def apply_alarms(self, stats: dict, checkpoints: Path, echo=print) -> dict[str, float]:
+        """Feed the alarms this iteration's metrics and act on any that start (``ppo.on_alarm``); returns
+        ``alarm/*``. ``rollback`` restores the newest checkpoint from before the alarm's evidence window and stops."""
+        started, metrics = observe(self.alarms, stats, self.iteration, Thresholds.from_ppo(self.cfg))
+        for alarm in started:
+            alarm["action"] = action = self.cfg.on_alarm
+            then = "continuing (ppo.on_alarm=warn)"
+            if action == "stop":
+                self.stopped, then = True, "stopping"
+            elif action == "rollback":
+                path = self.checkpoint_before(self.iteration - self.cfg.alarm_window, checkpoints)
+                self.restore(path, full=False)
+                self.stopped, alarm["restored"], then = True, path.name, f"restored {path.name}, stopping"
+            echo(f"alarm at iteration {self.iteration}: {alarm['kind']}: {alarm['evidence']}; {then}")
+        return metrics
+
+    def checkpoint_before(self, iteration: int, checkpoints: Path) -> Path:
+        """The newest checkpoint at or before ``iteration`` (else the oldest one kept)."""
+        found = list_checkpoints(checkpoints)
+        if not found:
+            raise TetherError(f"ppo.on_alarm=rollback: no checkpoint to restore under {checkpoints}")
+        earlier = [p for p in found if checkpoint_step(p) <= iteration]
+        return earlier[-1] if earlier else found[0]
+
     def restore_stable(self, decision: Decision, checkpoints: Path, echo=print) -> None:
         """Load the newest stable checkpoint's weights, optimizer, KL controller and score normaliser (not the RNG
         or the data position), then stop or continue with a lower learning rate (``ppo.kl_stop_action``)."""
@@ -382,13 +426,21 @@ class PPOTrainer:
     def summary(self, stats: dict) -> dict:
         """What ``summary.json`` records about the run: progress, guard events, the last iteration's metrics."""
         final = {k: v for k, v in stats.items() if not k.startswith(("time/", "perf/"))}
-        return {"iterations": self.iteration, "stopped_early": self.stopped, "events": self.events, "final": final}
+        return {
+            "iterations": self.iteration,
+            "stopped_early": self.stopped,
+            "events": self.events,
+            "alarms": self.alarms.fired,
+            "final": final,
+        }
 
     @classmethod
     def from_config(cls, config: RunConfig) -> PPOTrainer:
         """Load policy, reference, value model and reward (model or function) as ``config.model`` names them."""
         roles = load_roles(config)
-        return cls(config, roles.actor_critic, roles.reference, roles.tokenizer, roles.scorer, roles.placement)
+        return cls(
+            config, roles.actor_critic, roles.reference, roles.tokenizer, roles.scorer, roles.placement, roles.gold
+        )
 
     def save(self, root: Path) -> Path:
         """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit."""
@@ -399,6 +451,7 @@ class PPOTrainer:
             "kl_ctl": self.kl_ctl.state_dict(),
             "moments": self.moments.state_dict(),
             "guards": self.guards.state_dict(),
+            "alarms": self.alarms.state_dict(),
             "prompt_order": self.prompt_order,
             "stage_index": self.stage_index,
             "lr_scale": self.lr_scale,
@@ -428,42 +481,8 @@ class PPOTrainer:
         if full:
             self.iteration, self.update_index = state["iteration"], state["update_index"]
             self.guards.load_state_dict(state["guards"])
+            self.alarms.load_state_dict(state.get("alarms", {}))
             self.prompt_order, self.stage_index = state["prompt_order"], state["stage_index"]
             self.lr_scale, self.stopped, self.events = state["lr_scale"], state["stopped"], state["events"]
         self.saved_at = checkpoint_step(path)
         return state
-
-
-def kl_controller(cfg: PPOParams):
-    """The KL coefficient's controller named by ``ppo.kl_control``."""
-    if cfg.kl_control == "adaptive":
-        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    if cfg.kl_control == "threshold":
-        return ThresholdKLController(cfg.kl_coef, cfg.kl_target)
-    return FixedKLController(cfg.kl_coef)
-
-
-def rollout_stats(rollout: Rollout, kl_coef: float) -> dict[str, float]:
-    """The monitoring metrics of a completed rollout (see docs/metrics.md)."""
-    mask = rollout.response_mask.float()
-    k1 = (rollout.logprobs - rollout.ref_logprobs) * mask
-    lengths = mask.sum(-1)
-    non_score = -kl_coef * rollout.kl.sum(-1)
-    return {
-        "reward/score": rollout.raw_scores.mean().item(),
-        "reward/score_std": rollout.raw_scores.std(unbiased=False).item(),
-        "reward/scaled": rollout.scores.mean().item(),
-        "reward/non_score": non_score.mean().item(),
-        "reward/total": (rollout.scores + non_score).mean().item(),
-        "kl/ref": k1.sum(-1).mean().item(),
-        "kl/ref_k3": (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3") * mask).sum(-1).mean().item(),
-        "kl/coef": kl_coef,
-        "policy/entropy": masked_mean(rollout.entropy, mask).item(),
-        "policy/logprob_sum": (rollout.logprobs * mask).sum(-1).mean().item(),
-        "response/length": lengths.mean().item(),
-        "response/ended": rollout.ended.float().mean().item(),
-        "ppo/advantage_mean": masked_mean(rollout.returns - rollout.values, mask).item(),
-        "ppo/returns_mean": masked_mean(rollout.returns, mask).item(),
-        "ppo/value_mean": masked_mean(rollout.values, mask).item(),
-        "ppo/explained_variance": explained_variance(rollout.values, rollout.returns, mask).item(),
-    }
