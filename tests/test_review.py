@@ -8,6 +8,7 @@ import math
 import os
 import select
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -370,13 +371,14 @@ def test_undo_goes_back_across_sessions_and_skips_are_undoable(run):
 
 
 class Terminal:
-    """`python -m tether.review ARGS` on a pseudo terminal: wait for its output, type keys."""
+    """`tether review ARGS` on a pseudo terminal: wait for its output, type keys."""
 
     def __init__(self, *args, cwd: Path):
         import pty
 
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal (stdin, stdout, stderr)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job inherits SIGINT ignored; a terminal not
             os.chdir(cwd)
             os.execv(sys.executable, [sys.executable, "-m", "tether.cli", "review", *map(str, args)])
         self.output = ""
