@@ -11,27 +11,20 @@ What differs from :class:`tether.trainers.ppo.PPOTrainer`, each as TRL's ``step`
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections import defaultdict
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from tether.algo import (
-    entropy_from_logits,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
     shape_rewards,
 )
 from tether.errors import TetherError
-from tether.models import gather_ids, response_logits
-from tether.trainers.common import batches
+from tether.models import response_logits
 from tether.trainers.ppo import PPOTrainer as CorePPOTrainer
 from tether.types import Rollout
 
@@ -110,43 +103,20 @@ class LegacyEngine(CorePPOTrainer):
         optimizer's own learning rate; with ``early_stopping`` the epochs stop once an epoch's last micro-batch
         has policy KL > 1.5 * ``target_kl``. Non-finite minibatches are skipped as in the core."""
         self._apply_lr_scale()
-        sums, weights = defaultdict(float), defaultdict(float)
-        prompt_length, skipped, self.ratios, self.epochs_run = rollout.prompt_ids.shape[1], 0, [], 0
-        for _epoch in range(self.cfg.ppo_epochs):
-            self.epochs_run += 1
-            for mb_index in batches(len(rollout), self.cfg.mini_batch_size, self.generator):
-                mb = rollout.select(mb_index.to(self.device))
-                num_tokens = mb.response_mask.sum().clamp(min=1).float()
-                self.optimizer.zero_grad(set_to_none=True)
-                mb_sums, mb_weights = defaultdict(float), defaultdict(float)
-                for start in range(0, len(mb), self.micro_batch_size):
-                    rows = torch.arange(start, min(start + self.micro_batch_size, len(mb)), device=self.device)
-                    micro = mb.select(rows)
-                    stats = self.micro_step(micro, prompt_length, num_tokens)
-                    n = micro.response_mask.sum().item()
-                    for k, v in stats.items():
-                        mb_sums[k] += v * n
-                        mb_weights[k] += n
-                grad_norm = self.clip_gradients()
-                self.update_index += 1
-                if not (math.isfinite(mb_sums["loss/total"]) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)  # skip: nothing of this minibatch is applied
-                    skipped += 1
-                    self.guards.bad_steps += 1
-                    continue
-                self.guards.bad_steps = 0
-                for k in mb_sums:
-                    sums[k] += mb_sums[k]
-                    weights[k] += mb_weights[k]
-                sums["ppo/grad_norm"] += grad_norm
-                weights["ppo/grad_norm"] += 1
-                self.optimizer.step()
-            if self.legacy.early_stopping and self.last_policykl > 1.5 * self.legacy.target_kl:
-                self.optimizer.zero_grad(set_to_none=True)
-                break
-        stats = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
-        lr = self.optimizer.param_groups[0]["lr"]
-        return stats | {"ppo/lr": lr, "guard/skipped_steps": skipped, "ppo/epochs": self.epochs_run}
+        self.ratios, self.epochs_run = [], 0
+        return super().optimize(rollout) | {"ppo/epochs": self.epochs_run}
+
+    def scheduled_lr(self) -> None:
+        """The optimizer's own learning rate (the user's, and their ``lr_scheduler``'s): tether sets none."""
+        return None
+
+    def stop_epochs(self) -> bool:
+        """TRL's ``early_stopping``: the epoch's last micro-batch had policy KL > 1.5 * ``target_kl``."""
+        self.epochs_run += 1
+        if self.legacy.early_stopping and self.last_policykl > 1.5 * self.legacy.target_kl:
+            self.optimizer.zero_grad(set_to_none=True)
+            return True
+        return False
 
     def _apply_lr_scale(self) -> None:
         """A ``kl_stop_action="rollback"`` lowers the learning rate: scale the optimizer's groups by the change."""
@@ -155,59 +125,33 @@ class LegacyEngine(CorePPOTrainer):
                 group["lr"] *= self.lr_scale / self._lr_scale_applied
             self._lr_scale_applied = self.lr_scale
 
-    def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor) -> dict[str, float]:
-        """Forward + backward of one micro-batch (TRL's minibatch), normalised by the minibatch's token count; a
-        mean ratio above ``ratio_threshold`` zeroes its loss, as TRL did."""
-        with self.placement.autocast():
-            logits, new_values = self.actor_critic(
-                micro.sequence_ids,
-                micro.attention_mask,
-                prompt_length,
-                self.sampling.temperature,
-                self.tokenizer.eos_token_id,
-            )
+    def weigh_losses(self, pg_loss, vf_loss, new_logprobs, micro: Rollout):
+        """A minibatch (TRL's name for the micro-batch) whose mean ratio exceeds ``ratio_threshold`` contributes a
+        zero loss, as TRL did."""
         mask = micro.response_mask.float()
-        new_logprobs = logprobs_from_logits(logits, gather_ids(micro.response_ids, mask, self.tokenizer.eos_token_id))
-        pg_loss, pg_stats = ppo_policy_loss(
-            new_logprobs, micro.logprobs, micro.advantages, mask, self.cfg.clip_range, loss_denominator=num_tokens
-        )
-        vf_loss, vf_stats = ppo_value_loss(
-            new_values, micro.values, micro.returns, mask, self.cfg.value_clip_range, loss_denominator=num_tokens
-        )
         with torch.no_grad():
-            log_ratio = (new_logprobs - micro.logprobs) * mask
-            ratio = torch.exp(log_ratio)
-            mean_ratio = masked_mean(ratio, mask).item()
+            mean_ratio = masked_mean(torch.exp((new_logprobs - micro.logprobs) * mask), mask).item()
         if mean_ratio > self.legacy.ratio_threshold:
             warnings.warn(
                 f"PPOTrainer.step: the mean ratio of a minibatch ({mean_ratio:.2f}) exceeds ratio_threshold "
                 f"{self.legacy.ratio_threshold:.2f}; skipping it (zero loss), as TRL did",
-                stacklevel=2,
+                stacklevel=3,
             )
-            pg_loss, vf_loss = pg_loss * 0.0, vf_loss * 0.0
-        loss = pg_loss + self.cfg.vf_coef * vf_loss
-        loss.backward()
-        self.ratios.append(ratio[mask.bool()].cpu())
-        scale = num_tokens.item() / max(mask.sum().item(), 1.0)  # per-token means of this micro-batch
-        with torch.no_grad():
-            self.last_policykl = masked_mean(-log_ratio, mask).item()
-            trl = {
-                "trl/policykl": self.last_policykl,
-                "trl/approxkl": 0.5 * masked_mean(log_ratio**2, mask).item(),
-                "trl/vpred": masked_mean(new_values.float(), mask).item(),
-                "trl/val_mean": masked_mean(micro.values, mask).item(),
-                "trl/val_var": masked_var(micro.values, mask, unbiased=bool(mask.sum() > 1)).item(),
-            }
-            entropy = masked_mean(entropy_from_logits(logits), mask)
+            return pg_loss * 0.0, vf_loss * 0.0
+        return pg_loss, vf_loss
+
+    def micro_extras(self, new_logprobs, new_values, micro: Rollout) -> dict[str, float]:
+        """TRL's update statistics of a micro-batch; keeps its ratios and policy KL for ``step`` and early stopping."""
+        mask = micro.response_mask.float()
+        log_ratio = (new_logprobs - micro.logprobs) * mask
+        self.ratios.append(torch.exp(log_ratio)[mask.bool()].cpu())
+        self.last_policykl = masked_mean(-log_ratio, mask).item()
         return {
-            "loss/policy": pg_loss.item() * scale,
-            "loss/value": vf_loss.item() * scale,
-            "loss/total": loss.item() * scale,
-            "ppo/entropy": entropy.item(),
-            **{f"ppo/{k}": v.item() for k, v in pg_stats.items()},
-            **{f"ppo/{k}": v.item() for k, v in vf_stats.items() if k != "value_mean"},
-            "ppo/vpred_mean": vf_stats["value_mean"].item(),
-            **trl,
+            "trl/policykl": self.last_policykl,
+            "trl/approxkl": 0.5 * masked_mean(log_ratio**2, mask).item(),
+            "trl/vpred": masked_mean(new_values.float(), mask).item(),
+            "trl/val_mean": masked_mean(micro.values, mask).item(),
+            "trl/val_var": masked_var(micro.values, mask, unbiased=bool(mask.sum() > 1)).item(),
         }
 
 

@@ -176,44 +176,55 @@ class PPOTrainer:
         ``guard/skipped_steps``; ``ppo.max_bad_steps`` of them in a row trigger the guards' restore.
         """
         sums, weights = defaultdict(float), defaultdict(float)
-        prompt_length, skipped = rollout.prompt_ids.shape[1], 0
+        prompt_length, skipped, lr = rollout.prompt_ids.shape[1], 0, None
         for _epoch in range(self.cfg.ppo_epochs):
             for mb_index in batches(len(rollout), self.cfg.mini_batch_size, self.generator):
-                mb = rollout.select(mb_index.to(self.device))
-                num_tokens = mb.response_mask.sum().clamp(min=1).float()
-                self.optimizer.zero_grad(set_to_none=True)
-                mb_sums, mb_weights = defaultdict(float), defaultdict(float)
-                for start in range(0, len(mb), self.micro_batch_size):
-                    micro = mb.select(
-                        torch.arange(start, min(start + self.micro_batch_size, len(mb)), device=self.device)
-                    )
-                    stats = self.micro_step(micro, prompt_length, num_tokens)
-                    n = micro.response_mask.sum().item()
-                    for k, v in stats.items():
-                        mb_sums[k] += v * n
-                        mb_weights[k] += n
-                grad_norm = self.clip_gradients()
-                lr = (
-                    self.cfg.lr
-                    * self.lr_scale
-                    * lr_factor(self.cfg.lr_schedule, self.update_index, self.total_updates)
-                )
-                self.update_index += 1
-                if not (math.isfinite(mb_sums["loss/total"]) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)  # skip: nothing of this minibatch is applied
+                done, lr = self.minibatch_step(rollout.select(mb_index.to(self.device)), prompt_length)
+                if done is None:
                     skipped += 1
-                    self.guards.bad_steps += 1
                     continue
-                self.guards.bad_steps = 0
-                for k in mb_sums:
-                    sums[k] += mb_sums[k]
-                    weights[k] += mb_weights[k]
-                sums["ppo/grad_norm"] += grad_norm
-                weights["ppo/grad_norm"] += 1
-                set_lr(self.optimizer, lr)
-                self.optimizer.step()
+                for k, (total, weight) in done.items():
+                    sums[k] += total
+                    weights[k] += weight
+            if self.stop_epochs():
+                break
         stats = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        lr = self.optimizer.param_groups[0]["lr"] if lr is None else lr
         return stats | {"ppo/lr": lr, "guard/skipped_steps": skipped}
+
+    def minibatch_step(self, mb: Rollout, prompt_length: int) -> tuple[dict | None, float | None]:
+        """The micro-batches' forwards and backwards, gradient clipping and one optimizer step: ``({metric: (sum,
+        weight)}, lr)``, or ``(None, lr)`` when the loss or gradient is not finite and nothing was applied."""
+        num_tokens = mb.response_mask.sum().clamp(min=1).float()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, weights = defaultdict(float), defaultdict(float)
+        for start in range(0, len(mb), self.micro_batch_size):
+            micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, len(mb)), device=self.device))
+            n = micro.response_mask.sum().item()
+            for k, v in self.micro_step(micro, prompt_length, num_tokens).items():
+                sums[k] += v * n
+                weights[k] += n
+        grad_norm = self.clip_gradients()
+        lr = self.scheduled_lr()
+        self.update_index += 1
+        if not (math.isfinite(sums["loss/total"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # skip: nothing of this minibatch is applied
+            self.guards.bad_steps += 1
+            return None, lr
+        self.guards.bad_steps = 0
+        sums["ppo/grad_norm"], weights["ppo/grad_norm"] = grad_norm, 1
+        if lr is not None:
+            set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        return {k: (sums[k], weights[k]) for k in sums}, lr
+
+    def scheduled_lr(self) -> float | None:
+        """The learning rate of the coming optimizer step (``ppo.lr_schedule``); None leaves the optimizer's own."""
+        return self.cfg.lr * self.lr_scale * lr_factor(self.cfg.lr_schedule, self.update_index, self.total_updates)
+
+    def stop_epochs(self) -> bool:
+        """Whether to end the PPO epochs early, after each epoch (never here; the legacy trainer's early_stopping)."""
+        return False
 
     def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor) -> dict[str, float]:
         """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count."""
@@ -233,10 +244,12 @@ class PPOTrainer:
         vf_loss, vf_stats = ppo_value_loss(
             new_values, micro.values, micro.returns, mask, self.cfg.value_clip_range, loss_denominator=num_tokens
         )
+        pg_loss, vf_loss = self.weigh_losses(pg_loss, vf_loss, new_logprobs, micro)
         loss = pg_loss + self.cfg.vf_coef * vf_loss
         loss.backward()
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits), mask)
+            extra = self.micro_extras(new_logprobs, new_values, micro)
         scale = num_tokens.item() / max(mask.sum().item(), 1.0)  # per-token means of this micro-batch
         return {
             "loss/policy": pg_loss.item() * scale,
@@ -246,7 +259,16 @@ class PPOTrainer:
             **{f"ppo/{k}": v.item() for k, v in pg_stats.items()},
             **{f"ppo/{k}": v.item() for k, v in vf_stats.items() if k != "value_mean"},
             "ppo/vpred_mean": vf_stats["value_mean"].item(),
+            **extra,
         }
+
+    def weigh_losses(self, pg_loss, vf_loss, new_logprobs, micro: Rollout):
+        """The micro-batch's (policy, value) losses as they are back-propagated (a subclass may reweigh them)."""
+        return pg_loss, vf_loss
+
+    def micro_extras(self, new_logprobs, new_values, micro: Rollout) -> dict[str, float]:
+        """More statistics of a micro-batch (none here; the legacy trainer adds TRL's)."""
+        return {}
 
     def clip_gradients(self) -> float:
         params = [p for p in self.actor_critic.parameters() if p.grad is not None]
