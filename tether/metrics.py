@@ -12,12 +12,13 @@ def rollout_stats(rollout: Rollout, kl_coef: float) -> dict[str, float]:
     k1 = (rollout.logprobs - rollout.ref_logprobs) * mask
     lengths = mask.sum(-1)
     non_score = -kl_coef * rollout.kl.sum(-1)
-    return {
+    steps = {} if rollout.step_scores is None else {"reward/steps": (rollout.step_scores * mask).sum(-1).mean().item()}
+    return steps | {
         "reward/score": rollout.raw_scores.mean().item(),
         "reward/score_std": rollout.raw_scores.std(unbiased=False).item(),
         "reward/scaled": rollout.scores.mean().item(),
         "reward/non_score": non_score.mean().item(),
-        "reward/total": (rollout.scores + non_score).mean().item(),
+        "reward/total": (rollout.scores + non_score).mean().item() + steps.get("reward/steps", 0.0),
         "kl/ref": k1.sum(-1).mean().item(),
         "kl/ref_k3": (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3") * mask).sum(-1).mean().item(),
         "kl/coef": kl_coef,

@@ -22,6 +22,7 @@ class Rollout:
     raw_scores: torch.Tensor  # (B,) reward score as the reward model (or function) gave it
     ended: torch.Tensor  # (B,) True where the response stopped with EOS
     entropy: torch.Tensor  # (B, T) entropy of pi_old(. | s_t)
+    step_scores: torch.Tensor | None = None  # (B, T) raw scores of steps that end before the last token, else 0
     kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to the reference
     rewards: torch.Tensor | None = None  # (B, T) shaped reward: -kl_coef * kl, plus the score on the last token
     advantages: torch.Tensor | None = None  # (B, T) GAE advantages (whitened if configured)

@@ -100,3 +100,16 @@ def test_padding_never_leaks_and_inputs_not_mutated():
         assert torch.all(b[~mask] == 0)
     assert torch.equal(scores, before[0]) and torch.equal(mask, before[2])
     assert torch.equal(dirty.isnan(), before[1].isnan())
+
+
+def test_step_scores_land_where_they_stand_and_padding_drops_them():
+    # beta = 0.1, kl 0.1 everywhere: non-score -0.01 per valid token; step score 0.5 on t=1, outcome 2 on t=2;
+    # a step score written on padding (row 1, t=2) is ignored
+    kl = torch.full((2, 3), 0.1, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    steps = torch.tensor([[0.0, 0.5, 0.0], [0.25, 0.0, 9.0]], dtype=torch.float64)
+    rewards, non_score = shape_rewards(torch.tensor([2.0, 1.0], dtype=torch.float64), kl, mask, 0.1, steps)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.01, 0.49, 1.99], [0.24, 0.99, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(non_score, -0.01 * mask.double())
+    plain, _ = shape_rewards(torch.tensor([2.0, 1.0], dtype=torch.float64), kl, mask, 0.1, torch.zeros_like(steps))
+    torch.testing.assert_close(plain, shape_rewards(torch.tensor([2.0, 1.0], dtype=torch.float64), kl, mask, 0.1)[0])

@@ -154,7 +154,7 @@ class PPOTrainer:
             moments=self.moments,
         )
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.cfg.kl_estimator) * mask
-        rewards, _ = shape_rewards(scores, kl, mask, self.kl_ctl.value)
+        rewards, _ = shape_rewards(scores, kl, mask, self.kl_ctl.value, rollout.step_scores)
         if self.cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         return replace(rollout, scores=scores, kl=kl, rewards=rewards)
