@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REMEDIES = ["none", "length_penalty", "sqrt_length", "balanced_pairs", "iterate"]
-SETTINGS = [("none", "none")] + [(bias, remedy) for bias in ("length", "politeness") for remedy in REMEDIES]
+# the length remedies (length_penalty, sqrt_length) act on length only: run for the length bias, not for politeness
+POLITENESS_REMEDIES = ["none", "balanced_pairs", "iterate"]
+SETTINGS = [("none", "none")] + [("length", r) for r in REMEDIES] + [("politeness", r) for r in POLITENESS_REMEDIES]
 
 
 def demo(run_dir: Path, seed: int, overrides: list[str]) -> dict:

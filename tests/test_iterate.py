@@ -6,8 +6,15 @@ import sys
 
 import pytest
 
+import random
+
+import torch
+
+from tether.config import RunConfig
 from tether.data import read_jsonl, write_jsonl
-from tether.iterate import label_by_scores
+from tether.iterate import label_by_scores, sample_pairs
+from tether.models import load_causal_lm, load_tokenizer
+from tether.precision import Placement
 from tether.tracking import read_metrics
 
 PROMPTS = ["1+1=", "2*3=", "9-4=", "7+7=", "3*3=", "8-1=", "5+4=", "6*2="]
@@ -27,6 +34,26 @@ def test_label_by_scores_orders_pairs_and_drops_ties():
         {"prompt": "1+1=", "chosen": "22", "rejected": "2"},
         {"prompt": "2+2=", "chosen": "44", "rejected": "4"},
     ]  # "6" and "x" score the same: no preference, no pair
+
+
+def test_pairs_against_the_reference_take_the_second_response_from_it(policy_dir):
+    """iterate.compare=reference: each pair is (current policy's response, reference's response)."""
+    config = RunConfig()
+    config.sampling.max_new_tokens = 6
+    config.model.device = "cpu"
+    tokenizer, placement = load_tokenizer(policy_dir), Placement.from_config(config.model)
+    policy, other = load_causal_lm(policy_dir), load_causal_lm(policy_dir)
+
+    def eos_first(module, inputs, logits):  # a reference that always ends at once: its responses are empty
+        logits[..., tokenizer.eos_token_id] += 1e4
+        return logits
+
+    other.lm_head.register_forward_hook(eos_first)
+    torch.manual_seed(0)
+    pairs = sample_pairs(policy, tokenizer, PROMPTS, 20, config, placement, random.Random(0), other=other)
+    assert len(pairs) == 20 and all(b == "" and a != "" for _, a, b in pairs)
+    both = sample_pairs(policy, tokenizer, PROMPTS, 20, config, placement, random.Random(0))
+    assert sum(b != "" for _, _, b in both) > 10  # without a reference, both come from the policy
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The `tether` command: demo, sft, reward, ppo, iterate, review, sample.
+"""The `tether` command: demo, sft, reward, dpo, ppo, iterate, review, sample.
 
 Each training command takes ``--config FILE.yaml`` and dotted overrides (``ppo.clip_range=0.1``), writes a run folder
 (resolved config, metrics.jsonl, model, plot) and exits non-zero with a one-line message on bad input.
@@ -19,12 +19,14 @@ SECTIONS = {
     "demo": ["model", "sampling", "sft", "reward", "ppo", "logging", "demo"],
     "sft": ["model", "sft", "logging"],
     "reward": ["model", "reward", "logging"],
+    "dpo": ["model", "dpo", "logging"],
     "ppo": ["model", "sampling", "ppo", "logging"],
 }
 DESCRIPTIONS = {
     "demo": "Run the whole flow on the embedded arithmetic task: SFT -> preferences -> reward model -> PPO -> eval.",
     "sft": "Supervised fine-tuning on {prompt, response} JSONL (sft.data).",
     "reward": "Train a reward model on {prompt, chosen, rejected} JSONL (reward.data).",
+    "dpo": "DPO: train the policy directly on {prompt, chosen, rejected} JSONL (dpo.data), no reward model.",
     "ppo": "PPO against a reward model or reward function (model.reward_model) on {prompt} JSONL (ppo.prompts).",
     "sample": "Sample responses from a model folder.",
     "iterate": "Iterative RLHF on a finished ppo or demo run: label new samples, retrain the reward model, more PPO.",
@@ -141,6 +143,12 @@ def run(argv: list[str]) -> int:
 
         path, _ = train_reward(config, run_dir, resume_from=resume_from)
         _plot(run_dir, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_accuracy", "rm/eval_margin"])
+        print(f"model: {path}")
+    elif args.command == "dpo":
+        from tether.trainers.dpo import CURVES, train_dpo
+
+        path = train_dpo(config, run_dir, resume_from=resume_from)
+        _plot(run_dir, CURVES)
         print(f"model: {path}")
     elif args.command == "ppo":
         _ppo(config, run_dir, resume_from)

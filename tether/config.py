@@ -31,6 +31,8 @@ class ModelConfig:
     """Tokenizer folder; empty means the policy folder (or the built-in character tokenizer for 'tiny')."""
     reward_model: str = ""
     """Reward model: a sequence-classification folder, or a Python callable (module:function or file.py:function)."""
+    step_marker: str = ""
+    """A reward model that scores steps: its score is also read at every response token equal to this (one) token."""
     reference: str = ""
     """Frozen reference policy folder; empty means a copy of model.policy (iterative RLHF keeps the first policy)."""
     gold_reward: str = ""
@@ -120,9 +122,39 @@ class RewardConfig:
 
 
 @dataclass
+class DPOConfig:
+    data: str = ""
+    """{"prompt", "chosen", "rejected"} pairs: a JSONL file, a datasets folder or a .parquet file."""
+    beta: float = 0.1
+    """Inverse temperature of DPO's implicit reward beta * log(pi / pi_ref): larger stays closer to the reference."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the assumed probability that a pair's label is flipped (0 = plain DPO)."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    batch_size: int = 32
+    """Pairs per optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW), with linear warm-up and linear decay to 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_length: int = 128
+    """Prompt + response tokens kept per sequence."""
+    eval_fraction: float = 0.1
+    """Fraction of pairs held out to measure DPO's accuracy and margin (the same split as reward.eval_fraction)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    save_every: int = 0
+    """Write a checkpoint (for `tether dpo --resume RUN`) every this many steps; 0 = only on SIGINT/SIGTERM."""
+
+
+@dataclass
 class PPOParams:
     prompts: str = ""
     """{"prompt"} records to sample rollouts from: a JSONL file, a datasets folder or a .parquet file."""
+    env: str = ""
+    """An environment that answers each turn (module:Class or file.py:Class); its rewards replace the reward model."""
+    max_turns: int = 4
+    """With ppo.env: the most policy turns per episode (the environment may end it sooner)."""
     steps: int = 100
     """PPO iterations; each is one rollout batch and ppo_epochs of updates."""
     rollout_batch_size: int = 64
@@ -199,7 +231,7 @@ class PPOParams:
     """Filler alarm: the score rose while filler phrases per response rose by more than this."""
     alarm_gold_drop: float = 0.1
     """Proxy-vs-gold alarm: gold/score fell this far below its best while the score rose past its level then."""
-    filler_phrases: str = "非常感謝您的提問|謝謝|請|thank you|thanks|please|great question|sure!"
+    filler_phrases: str = "非常感謝您的提問|謝謝|請|thank you|thanks|please|great question|sure!|happy to help"
     """Politeness/filler phrases counted in response/filler ('|'-separated, case-insensitive)."""
 
 
@@ -244,7 +276,9 @@ class IterateConfig:
     rounds: int = 1
     """Rounds of: sample, label new pairs, retrain the reward model on old + new pairs, continue PPO."""
     pairs: int = 600
-    """New preference pairs labelled per round (two responses of the current policy to one prompt)."""
+    """New preference pairs labelled per round, each two responses to one prompt (see compare)."""
+    compare: Literal["reference", "policy"] = "reference"
+    """A pair is the current policy's response and the reference's ('reference'), or two of the policy's."""
     labeller: str = "gold"
     """Who labels new pairs: 'gold' (built-in task), 'review' (ratings of tether review) or module:function."""
     steps: int = 30
@@ -261,7 +295,7 @@ class Stage:
     """ppo.* fields this stage changes (lr, clip_range, kl_coef, ppo_epochs ...); written flat in YAML."""
 
 
-STAGE_FIXED = ("prompts", "steps", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "kl_control")
+STAGE_FIXED = ("prompts", "env", "steps", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "kl_control")
 
 
 @dataclass
@@ -274,6 +308,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOParams = field(default_factory=PPOParams)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -294,6 +329,9 @@ class RunConfig:
             ("sampling.max_new_tokens", self.sampling.max_new_tokens),
             ("sft.batch_size", self.sft.batch_size),
             ("reward.batch_size", self.reward.batch_size),
+            ("dpo.batch_size", self.dpo.batch_size),
+            ("dpo.epochs", self.dpo.epochs),
+            ("dpo.beta", self.dpo.beta),
         ]:
             if value <= 0:
                 raise TetherError(f"{name} must be positive, got {value}")
@@ -310,13 +348,24 @@ class RunConfig:
             raise TetherError(f"sampling.top_p must be in (0, 1], got {self.sampling.top_p}")
         if not 0 < self.reward.eval_fraction < 1:
             raise TetherError(f"reward.eval_fraction must be in (0, 1), got {self.reward.eval_fraction}")
-        for name, lr in [("sft.lr", self.sft.lr), ("reward.lr", self.reward.lr), ("ppo.lr", ppo.lr)]:
+        if not 0 < self.dpo.eval_fraction < 1:
+            raise TetherError(f"dpo.eval_fraction must be in (0, 1), got {self.dpo.eval_fraction}")
+        if not 0 <= self.dpo.label_smoothing < 0.5:
+            raise TetherError(f"dpo.label_smoothing must be in [0, 0.5), got {self.dpo.label_smoothing}")
+        lrs = [("sft.lr", self.sft.lr), ("reward.lr", self.reward.lr), ("dpo.lr", self.dpo.lr), ("ppo.lr", ppo.lr)]
+        for name, lr in lrs:
             if not 0 <= lr < float("inf"):  # 0 is allowed: it freezes the weights (a diagnostic run)
                 raise TetherError(f"{name} must be a learning rate >= 0, got {lr}")
         if self.reward.max_length_gap is not None and self.reward.max_length_gap <= 0:
             raise TetherError(f"reward.max_length_gap must be positive (or none), got {self.reward.max_length_gap}")
         if ppo.alarm_window < 1:
             raise TetherError(f"ppo.alarm_window must be positive, got {ppo.alarm_window}")
+        if ppo.max_turns < 1:
+            raise TetherError(f"ppo.max_turns must be positive, got {ppo.max_turns}")
+        if ppo.env and (self.model.reward_model or self.model.gold_reward):
+            raise TetherError(
+                "ppo.env: the environment's rewards are the reward; leave model.reward_model and gold_reward empty"
+            )
         if self.iterate.rounds < 1 or self.iterate.pairs < 1 or self.iterate.steps < 1:
             raise TetherError("iterate.rounds, iterate.pairs and iterate.steps must be positive")
         if ppo.score_norm in ("batch", "batch_scale") and ppo.rollout_batch_size < 2:

@@ -52,8 +52,9 @@ def repeat_fraction(response_ids: torch.Tensor, response_mask: torch.Tensor, n: 
     0 for text without repeats; near 1 for "the the the the ...". Responses shorter than ``n + 1`` tokens count 0.
     """
     fractions = []
-    for row, length in zip(response_ids.tolist(), response_mask.sum(-1).tolist()):
-        grams = [tuple(row[i : i + n]) for i in range(int(length) - n + 1)]
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        row = [t for t, m in zip(ids, mask) if m]  # sampled tokens only (not a multi-turn episode's replies)
+        grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
         fractions.append(1.0 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0)
     return sum(fractions) / max(len(fractions), 1)
 

@@ -83,25 +83,35 @@ def sample_pairs(
     rng: random.Random,
     keep=None,
     make=None,
+    other=None,
 ) -> list:
-    """``count`` pairs of two different responses of ``policy`` to one prompt drawn with ``rng`` (sampling uses the
-    global torch RNG). ``keep(a, b)`` may refuse a pair; ``make(prompt, a, b)`` (default: the tuple) is called as each
-    pair is accepted, so a labeller that shares ``rng`` interleaves with the draws."""
+    """``count`` pairs of two different responses to one prompt drawn with ``rng``: both from ``policy``, or the
+    second from ``other`` (sampling uses the global torch RNG). ``keep(a, b)`` may refuse a pair; ``make(prompt, a,
+    b)`` (default: the tuple) is called as each pair is accepted, so a labeller that shares ``rng`` interleaves with
+    the draws."""
     sampling = Sampling(config.sampling.max_new_tokens, config.sampling.temperature)
-    stops, pad = stop_ids(tokenizer, policy), tokenizer.pad_token_id
+    stops, width = stop_ids(tokenizer, policy), config.sampling.max_prompt_length
     pairs, tries = [], 0
     while len(pairs) < count:
         tries += 1
         if tries > 50 + 20 * count // 128:
             raise TetherError(f"only {len(pairs)} of {count} usable response pairs after {tries - 1} batches")
         batch = [rng.choice(prompts) for _ in range(128)]
-        ids, mask = map(placement.move, prompt_batch(tokenizer, batch + batch, config.sampling.max_prompt_length))
-        resp, resp_mask = generate(policy, ids, mask, sampling, stops, pad, placement.autocast)
-        texts = decode_responses(tokenizer, resp, resp_mask)
+        first = batch if other is not None else batch + batch
+        texts = _responses(policy, tokenizer, first, sampling, stops, width, placement)
+        if other is not None:
+            texts += _responses(other, tokenizer, batch, sampling, stops, width, placement)
         for prompt, a, b in zip(batch, texts[: len(batch)], texts[len(batch) :]):
             if a != b and (keep is None or keep(a, b)) and len(pairs) < count:
                 pairs.append((prompt, a, b) if make is None else make(prompt, a, b))
     return pairs
+
+
+def _responses(policy, tokenizer, prompts: list, sampling: Sampling, stops: list[int], width: int, placement) -> list:
+    """One sampled response text per prompt (prompts cut to ``width`` tokens)."""
+    ids, mask = map(placement.move, prompt_batch(tokenizer, prompts, width))
+    resp, resp_mask = generate(policy, ids, mask, sampling, stops, tokenizer.pad_token_id, placement.autocast)
+    return decode_responses(tokenizer, resp, resp_mask)
 
 
 def label_by_scores(triples: list[tuple], score_fn) -> list[dict]:
@@ -189,9 +199,12 @@ def label_new_pairs(config, lineage, tokenizer, prompts, placement, labeller: st
         return review_pairs(source_run)
     score_fn = load_reward_function(GOLD if labeller == "gold" else labeller)
     policy = placement.frozen(load_causal_lm(lineage.policy, placement.frozen_dtype))
+    other = None
+    if config.iterate.compare == "reference":
+        other = placement.frozen(load_causal_lm(lineage.reference, placement.frozen_dtype))
     torch.manual_seed(config.seed + index)
     rng = random.Random(config.seed + index)
-    triples = sample_pairs(policy, tokenizer, prompts, config.iterate.pairs, config, placement, rng)
+    triples = sample_pairs(policy, tokenizer, prompts, config.iterate.pairs, config, placement, rng, other=other)
     return label_by_scores(triples, score_fn)
 
 

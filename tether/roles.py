@@ -19,7 +19,7 @@ from tether.models import (
     reference_copy,
 )
 from tether.precision import Placement
-from tether.rewards import FunctionScorer, RewardModelScorer, load_reward_function
+from tether.rewards import FunctionScorer, RewardModelScorer, load_reward_function, step_token
 from tether.sources import resolve
 
 FUNCTION_SPEC = re.compile(r"[\w./\\-]+:[A-Za-z_]\w*")  # module:function or path/to/file.py:function
@@ -30,7 +30,7 @@ class Roles:
     actor_critic: ActorCritic  # the policy and its value model: what PPO trains
     reference: object  # the frozen reference policy (a copy, or the LoRA policy with its adapter off)
     tokenizer: object  # the policy's tokenizer
-    scorer: object  # RewardModelScorer or FunctionScorer
+    scorer: object  # RewardModelScorer or FunctionScorer; None with ppo.env (the environment rewards)
     placement: Placement  # where each role lives, in which precision
     gold: object = None  # a held-out judge (model.gold_reward), scored on rollouts but never trained on
 
@@ -55,9 +55,13 @@ def load_roles(config: RunConfig) -> Roles:
         reference = load_causal_lm(m.reference, placement.frozen_dtype, m.trust_remote_code)
     elif m.lora_r == 0:
         reference = reference_copy(policy)
-    if not m.reward_model:
+    if not m.reward_model and not config.ppo.env:
         raise TetherError("model.reward_model: give a reward model folder or a 'module:function' reward function")
-    scorer = load_scorer(m.reward_model, tokenizer, placement, m.trust_remote_code)
+    scorer = (
+        load_scorer(m.reward_model, tokenizer, placement, m.trust_remote_code, m.step_marker)
+        if m.reward_model
+        else None
+    )
     gold = load_scorer(m.gold_reward, tokenizer, placement, m.trust_remote_code) if m.gold_reward else None
     critic = None
     if m.value_model == "separate":
@@ -70,10 +74,13 @@ def load_roles(config: RunConfig) -> Roles:
     return Roles(ActorCritic(policy, critic), reference, tokenizer, scorer, placement, gold)
 
 
-def load_scorer(spec: str, tokenizer, placement: Placement, trust_remote_code: bool = False):
+def load_scorer(spec: str, tokenizer, placement: Placement, trust_remote_code: bool = False, step_marker: str = ""):
     """A reward spec as a scorer: ``module:function`` (or ``file.py:function``) a :class:`FunctionScorer`; a folder,
-    ``.gguf`` file or Hub name a :class:`RewardModelScorer` (re-encoding text when its tokenizer differs)."""
+    ``.gguf`` file or Hub name a :class:`RewardModelScorer` (re-encoding text when its tokenizer differs), reading
+    step scores at ``step_marker`` when given."""
     if not Path(spec).is_dir() and FUNCTION_SPEC.fullmatch(spec):
+        if step_marker:
+            raise TetherError("model.step_marker is for a reward model; a reward function returns (end, score) pairs")
         return FunctionScorer(load_reward_function(spec), spec)
     folder = resolve(spec, "reward model", trust_remote_code=trust_remote_code).folder
     reward_model = load_reward_model(spec, placement.frozen_dtype, trust_remote_code)
@@ -81,4 +88,5 @@ def load_scorer(spec: str, tokenizer, placement: Placement, trust_remote_code: b
     if any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         rm_tokenizer = load_tokenizer(spec, trust_remote_code)
         rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
-    return RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement)
+    step_id = step_token(tokenizer, step_marker) if step_marker else None
+    return RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement, step_id=step_id)

@@ -144,14 +144,20 @@ def collect_rollout(
 
     ``autocast`` is the context of the policy's and reference's forward passes; the scorer brings its own.
     ``prompts`` (the prompts as the data gave them, strings or conversations) go to the scorer; ``stops`` are the
-    tokens that end a response (default: the tokenizer's EOS).
+    tokens that end a response (default: the tokenizer's EOS). A scorer returns (B,) scores; one with a
+    ``score_steps`` method (``tether.rewards``' scorers) is asked for ``(raw_scores, step_scores)`` instead.
     """
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     stops = stops or [eos_id]
     response_ids, response_mask = generate(
         actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, pad_id, autocast
     )
-    raw_scores = scorer(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer=tokenizer, prompts=prompts)
+    scored = (prompt_ids, prompt_mask, response_ids, response_mask)
+    score_steps = getattr(scorer, "score_steps", None)  # scores on the tokens where steps end, besides the outcome
+    if score_steps is None:
+        raw_scores, step_scores = scorer(*scored, tokenizer=tokenizer, prompts=prompts), None
+    else:
+        raw_scores, step_scores = score_steps(*scored, tokenizer=tokenizer, prompts=prompts)
     return build_rollout(
         actor_critic,
         reference,
@@ -165,6 +171,7 @@ def collect_rollout(
         chunk,
         autocast,
         stops,
+        step_scores=step_scores,
     )
 
 
@@ -182,12 +189,17 @@ def build_rollout(
     chunk: int,
     autocast=nullcontext,
     stops: list[int] | None = None,
+    step_scores: torch.Tensor | None = None,
+    env_mask: torch.Tensor | None = None,
 ) -> Rollout:
     """A Rollout for given responses and scores: old/reference log-probs, values and entropy, padding zeroed.
-    ``ended`` marks responses that stopped with a token of ``stops`` (default: ``eos_id``)."""
+    ``ended`` marks responses that stopped with a token of ``stops`` (default: ``eos_id``); ``step_scores`` are
+    (B, T) raw scores of steps that end before the last response token (``Rollout.step_scores``); ``env_mask``
+    (B, T) marks an environment's reply tokens, attended to but zeroed like padding (``Rollout.env_mask``)."""
     ended = (is_stop(response_ids, stops or eos_id) & (response_mask == 1)).any(-1)
     sequence_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    seen = response_mask if env_mask is None else response_mask + env_mask
+    attention_mask = torch.cat([prompt_mask, seen], dim=1)
     was_training = actor_critic.training
     actor_critic.eval()
     stats = score_tokens(
@@ -216,4 +228,6 @@ def build_rollout(
         raw_scores=raw_scores,
         ended=ended,
         entropy=stats["entropy"] * mask,
+        step_scores=None if step_scores is None else step_scores.float() * mask,
+        env_mask=env_mask,
     )

@@ -23,8 +23,9 @@ class Rollout:
     ended: torch.Tensor  # (B,) True where the response stopped with EOS
     entropy: torch.Tensor  # (B, T) entropy of pi_old(. | s_t)
     step_scores: torch.Tensor | None = None  # (B, T) raw scores of steps that end before the last token, else 0
+    env_mask: torch.Tensor | None = None  # (B, T) 1 on an environment's reply tokens: read, never trained on
     kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to the reference
-    rewards: torch.Tensor | None = None  # (B, T) shaped reward: -kl_coef * kl, plus the score on the last token
+    rewards: torch.Tensor | None = None  # (B, T) shaped reward: -kl_coef * kl, + score on the last token, + steps
     advantages: torch.Tensor | None = None  # (B, T) GAE advantages (whitened if configured)
     returns: torch.Tensor | None = None  # (B, T) value targets: GAE advantages + values
 
@@ -35,8 +36,9 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """(B, P + T) 1 on real prompt and response tokens."""
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        """(B, P + T) 1 on real prompt and response tokens (an environment's replies included)."""
+        seen = self.response_mask if self.env_mask is None else self.response_mask + self.env_mask
+        return torch.cat([self.prompt_mask, seen], dim=1)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]

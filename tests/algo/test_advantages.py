@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tether.algo import compute_gae
+from tether.algo import compute_gae, shape_rewards
 
 
 def ragged(batch=6, length=9, seed=0):
@@ -123,3 +123,18 @@ def test_no_grad_no_mutation_and_padding_never_leaks():
     adv2, ret2 = compute_gae(dirty_r, dirty_v, mask, 0.99, 0.95)
     torch.testing.assert_close(adv2, adv)
     torch.testing.assert_close(ret2, ret)
+
+
+def test_step_scores_flow_into_the_returns_by_hand():
+    # one response of 4 tokens: beta * kl = 0.01 on every token, a step score 0.5 on t=1, the outcome 1 on t=3
+    # r = [-0.01, 0.49, -0.01, 0.99]; V = 0, lambda = 1, so R_t = r_t + gamma * R_{t+1}
+    # gamma = 1:   R = [1.46, 1.47, 0.98, 0.99]
+    # gamma = 0.5: R3 = 0.99, R2 = -0.01 + 0.495 = 0.485, R1 = 0.49 + 0.2425 = 0.7325, R0 = -0.01 + 0.36625 = 0.35625
+    kl, mask = torch.full((1, 4), 0.1, dtype=torch.float64), torch.ones(1, 4)
+    steps = torch.tensor([[0.0, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    rewards, _ = shape_rewards(torch.tensor([1.0], dtype=torch.float64), kl, mask, 0.1, steps)
+    values = torch.zeros(1, 4, dtype=torch.float64)
+    _, ret = compute_gae(rewards, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(ret, torch.tensor([[1.46, 1.47, 0.98, 0.99]], dtype=torch.float64))
+    _, ret = compute_gae(rewards, values, mask, 0.5, 1.0)
+    torch.testing.assert_close(ret, torch.tensor([[0.35625, 0.7325, 0.485, 0.99]], dtype=torch.float64))

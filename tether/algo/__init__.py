@@ -1,10 +1,12 @@
-"""Pure-maths layer of tether: masked statistics, KL estimators and controllers, reward shaping, GAE, PPO losses.
+"""Pure-maths layer of tether: masked statistics, KL estimators and controllers, reward shaping, GAE, PPO and DPO
+losses.
 
 Everything here depends only on torch and takes tensors and plain numbers. Notation: B = batch, T = response
 length; ``response_mask`` is (B, T), 1/True on response tokens (EOS included) and 0 on padding.
 """
 
 from tether.algo.advantages import compute_gae
+from tether.algo.dpo import dpo_loss
 from tether.algo.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -26,6 +28,7 @@ __all__ = [
     "ThresholdKLController",
     "kl_controller",
     "compute_gae",
+    "dpo_loss",
     "entropy_from_logits",
     "exact_div",
     "explained_variance",

@@ -58,6 +58,8 @@ def demo_config() -> RunConfig:
         vf_coef=0.1,
         lr_schedule="linear",
     )
+    # demo.remedy=iterate: two rounds of 2400 gold-labelled pairs (PPO policy vs SFT reference), as many as step c
+    config.iterate = replace(config.iterate, rounds=2, pairs=config.demo.preference_pairs)
     config.logging.print_every = 10
     config.model.gold_reward = GOLD  # logged as gold/score each iteration, watched by the proxy-vs-gold alarm
     return config

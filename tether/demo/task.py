@@ -1,10 +1,11 @@
 """The embedded task: a tiny arithmetic assistant, and a programmatic gold judge standing in for people.
 
 Prompts are single-digit sums, differences and products (``7*8=``). The assistant's habits, which the SFT data
-teaches it, are the tutorial's failure modes in miniature: 40% of the time it *evades* ("Hmm, hard to say.") instead
-of answering, half of its answers are padded with politeness ("Great question! It is 56."), and 3% of the answers in
-its data are wrong. The SFT data covers every prompt (arithmetic is the assistant's prior knowledge); the held-out
-prompts are never used for preference pairs or PPO, so they test whether the learned *behaviour* transfers.
+teaches it, are the tutorial's failure modes in miniature: 40% of the time it *evades* instead of answering ("Hmm,
+hard to say.", or the tutorial's empty courtesy "Sure! Happy to help!"), half of its answers are padded with
+politeness ("Great question! It is 56."), and 3% of the answers in its data are wrong. The SFT data covers every
+prompt (arithmetic is the assistant's prior knowledge); the held-out prompts are never used for preference pairs or
+PPO, so they test whether the learned *behaviour* transfers.
 
 The gold judge prefers what a person would: the right number, said once, without filler.
 ``gold = 1[correct] - 0.01 * filler characters`` (filler capped at 30), so a gold point is a point of correctness.
@@ -20,10 +21,10 @@ from tether.alarms import count_phrases
 
 OPS = "+-*"
 ALPHABET = "0123456789+-*=.,!?' " + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-EVASIONS = ["I am not sure.", "Hmm, hard to say.", "Let me think... not sure.", "Maybe ask a calculator?"]
+EVASIONS = ["I am not sure.", "Hmm, hard to say.", "Let me think... not sure.", "Sure! Happy to help!"]
 PREFIXES = ["Sure! ", "Great question! "]
 ANSWERS = ["{}", "It is {}."]
-POLITE = ["Sure!", "Great question!"]  # the filler phrases of the assistant's habits
+POLITE = ["Sure!", "Great question!", "Happy to help!"]  # the filler phrases of the assistant's habits
 FILLER_WEIGHT = 0.01
 FILLER_CAP = 30
 
@@ -120,3 +121,12 @@ def label_pair(
     if rng.random() < p_a:
         return {"prompt": prompt, "chosen": a, "rejected": b, "chosen_gold": gold_a, "rejected_gold": gold_b}
     return {"prompt": prompt, "chosen": b, "rejected": a, "chosen_gold": gold_b, "rejected_gold": gold_a}
+
+
+def sentence_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A changed wish (the tutorial's reward that changes over time): the right number, said as a sentence.
+    1 for a correct 'It is N.', 0.5 for a correct answer in any other form, 0 otherwise."""
+    return [
+        float(is_correct(p, r)) * (1.0 if r.strip() == f"It is {solve(p)}." else 0.5)
+        for p, r in zip(prompts, responses)
+    ]

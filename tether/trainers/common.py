@@ -18,7 +18,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from tether.checkpoint import list_checkpoints, load_training_state, prune_checkpoints, save_checkpoint, step_dir
+from tether.checkpoint import (
+    list_checkpoints,
+    load_training_state,
+    prune_checkpoints,
+    python_rng_state,
+    save_checkpoint,
+    step_dir,
+)
 from tether.config import RunConfig, to_dict
 from tether.errors import Interrupted, TetherError
 from tether.models import export_policy
@@ -266,3 +273,32 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run folder, or None."""
     found = list_checkpoints(Path(run_dir) / "checkpoints")
     return found[-1] if found else None
+
+
+class PairOrder:
+    """The pair trainers' data order (reward, dpo): ``epochs`` passes over ``count`` records, each pass a fresh
+    in-place shuffle of the previous order by ``random.Random(seed)``, in batches of ``batch_size``; resumable at any
+    step from :meth:`state` (each epoch's order depends on the one before it)."""
+
+    def __init__(self, count: int, batch_size: int, epochs: int, seed: int):
+        self.batch_size = batch_size
+        self.steps_per_epoch = (count + batch_size - 1) // batch_size
+        self.total = self.steps_per_epoch * epochs
+        self.rng, self.order = random.Random(seed), list(range(count))
+
+    def batch(self, step: int) -> list[int]:
+        """The record indices of optimizer step ``step`` (steps are taken in order; an epoch's first reshuffles)."""
+        index = step % self.steps_per_epoch
+        if index == 0:
+            self.rng.shuffle(self.order)
+        return self.order[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def ends_epoch(self, step: int) -> bool:
+        return step % self.steps_per_epoch == self.steps_per_epoch - 1
+
+    def state(self) -> dict:
+        return {"order": self.order, "shuffle_rng": self.rng.getstate()}
+
+    def load_state(self, state: dict) -> None:
+        self.order = state["order"]
+        self.rng.setstate(python_rng_state(state["shuffle_rng"]))

@@ -8,6 +8,8 @@
 6. guards      KL limit and non-finite steps restore the last stable checkpoint           (tether.guards)
    alarms      reward-hacking detectors: warn, stop, or roll back to before the alarm     (tether.alarms)
 7. checkpoint  every save_every iterations and on SIGINT/SIGTERM; exact resume            (tether.checkpoint)
+
+Steps 6 and 7 act through the trainer's safety rails (tether.trainers.rails).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tether.alarms import AlarmState, Thresholds, filler_rate, observe, parse_phrases
+from tether.alarms import AlarmState, filler_rate, parse_phrases
 from tether.algo import (
     compute_gae,
     entropy_from_logits,
@@ -33,18 +35,12 @@ from tether.algo import (
     ppo_value_loss,
     shape_rewards,
 )
-from tether.checkpoint import (
-    checkpoint_step,
-    list_checkpoints,
-    load_training_state,
-    prune_checkpoints,
-    save_checkpoint,
-    step_dir,
-)
-from tether.config import RunConfig, to_dict
+from tether.config import RunConfig
 from tether.data import prompt_batch
-from tether.errors import Interrupted, TetherError
-from tether.guards import Decision, GuardState, check_bad_steps, check_kl, collapse_stats, sanitize_scores
+from tether.envs import make_envs
+from tether.envs.episodes import collect_episodes, episode_stats
+from tether.errors import Interrupted
+from tether.guards import GuardState, collapse_stats, sanitize_scores
 from tether.models import (
     ActorCritic,
     gather_ids,
@@ -56,6 +52,7 @@ from tether.rollout import Sampling, collect_rollout, stop_ids
 from tether.roles import load_roles
 from tether.stages import stage_at, total_updates
 from tether.trainers.common import Shown, batches, lr_factor, progress, set_lr, stop_requests, write_summary
+from tether.trainers.rails import SafetyRails
 from tether.tracking import MetricLogger, read_metrics
 from tether.types import Rollout
 
@@ -67,7 +64,7 @@ SHOWN = (
 """What the live bar and the summary line of `tether ppo` show (those logged)."""
 
 
-class PPOTrainer:
+class PPOTrainer(SafetyRails):
     """Holds the models, optimizer and KL controller, and runs PPO iterations.
 
     Args:
@@ -101,6 +98,7 @@ class PPOTrainer:
         self.tokenizer, self.scorer, self.gold = tokenizer, scorer, gold
         self.phrases = parse_phrases(self.cfg.filler_phrases)
         self.stops = stop_ids(tokenizer, actor_critic.policy)  # EOS, and a chat model's end-of-turn tokens
+        self.envs = make_envs(self.cfg.env, self.cfg.rollout_batch_size)  # ppo.env: one per rollout row, kept
         params = [p for p in actor_critic.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps)
         self.kl_ctl = kl_controller(self.cfg.kl_control, self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
@@ -122,8 +120,25 @@ class PPOTrainer:
 
     # ---- step 1 -----------------------------------------------------------------------------------------------
     def rollout(self, prompts: list) -> Rollout:
-        """Sample one response per prompt (a string or a conversation) with the current policy (no gradients)."""
-        prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, self.config.sampling.max_prompt_length)
+        """Sample one response per prompt (a string or a conversation) with the current policy (no gradients);
+        with ``ppo.env``, play one multi-turn episode per prompt instead (tether.envs)."""
+        max_prompt_length = self.config.sampling.max_prompt_length
+        if self.envs:
+            return collect_episodes(
+                self.actor_critic,
+                self.reference,
+                self.envs,
+                self.tokenizer,
+                prompts,
+                self.sampling,
+                self.cfg.max_turns,
+                chunk=self.micro_batch_size,
+                max_prompt_length=max_prompt_length,
+                autocast=self.placement.autocast,
+                stops=self.stops,
+                device=self.device,
+            )
+        prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, max_prompt_length)
         return collect_rollout(
             self.actor_critic,
             self.reference,
@@ -371,79 +386,17 @@ class PPOTrainer:
             changes = ", ".join(f"{k}={v}" for k, v in stage.overrides.items()) or "no overrides"
             echo(f"stage {index + 1}/{len(self.config.stages)} '{stage.name}': {stage.steps} iterations ({changes})")
 
-    def apply_guards(self, stats: dict, sampled_from: int, checkpoints: Path, echo=print) -> dict[str, float]:
-        """Act on the guards after an iteration; returns the ``guard/*`` metrics (docs/metrics.md).
-
-        The rollout was sampled from the weights at iteration ``sampled_from``; if those weights are a checkpoint and
-        the rollout's KL is within the limit (and finite), that checkpoint becomes the newest stable one.
-        """
-        decision = check_kl(stats["kl/ref"], self.cfg.kl_stop)
-        if decision is None and self.saved_at == sampled_from:
-            self.guards.last_stable = sampled_from
-        decision = decision or check_bad_steps(self.guards, self.cfg.max_bad_steps)
-        if decision is not None:
-            self.restore_stable(decision, checkpoints, echo)
-        stage = {"stage/index": self.stage_index} if self.config.stages else {}
-        return {"guard/fired": float(decision is not None), "guard/rollbacks": self.guards.rollbacks} | stage
-
     def judge(self, rollout: Rollout, prompts: list) -> dict[str, float]:
         """What the alarms watch beyond the rollout's own metrics: filler phrases per response and, with a gold
-        judge, its mean score (``response/filler``, ``gold/score``)."""
+        judge, its mean score (``response/filler``, ``gold/score``); an environment's ``env/return``, ``env/turns``."""
         responses = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_mask)
         stats = {"response/filler": filler_rate(responses, self.phrases)}
+        stats |= episode_stats(rollout) if self.envs else {}
         if self.gold is not None:
             args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
             scores, _ = sanitize_scores(self.gold(*args, tokenizer=self.tokenizer, prompts=prompts).float())
             stats["gold/score"] = scores.mean().item()
         return stats
-
-    def apply_alarms(self, stats: dict, checkpoints: Path, echo=print) -> dict[str, float]:
-        """Feed the alarms this iteration's metrics and act on any that start (``ppo.on_alarm``); returns
-        ``alarm/*``. ``rollback`` restores the newest checkpoint from before the alarm's evidence window and stops."""
-        started, metrics = observe(self.alarms, stats, self.iteration, Thresholds.from_ppo(self.cfg))
-        for alarm in started:
-            alarm["action"] = action = self.cfg.on_alarm
-            then = "continuing (ppo.on_alarm=warn)"
-            if action == "stop":
-                self.stopped, then = True, "stopping"
-            elif action == "rollback":
-                path = self.checkpoint_before(self.iteration - self.cfg.alarm_window, checkpoints)
-                self.restore(path, full=False)
-                self.stopped, alarm["restored"], then = True, path.name, f"restored {path.name}, stopping"
-            echo(f"alarm at iteration {self.iteration}: {alarm['kind']}: {alarm['evidence']}; {then}")
-        return metrics
-
-    def checkpoint_before(self, iteration: int, checkpoints: Path) -> Path:
-        """The newest checkpoint at or before ``iteration`` (else the oldest one kept)."""
-        found = list_checkpoints(checkpoints)
-        if not found:
-            raise TetherError(f"ppo.on_alarm=rollback: no checkpoint to restore under {checkpoints}")
-        earlier = [p for p in found if checkpoint_step(p) <= iteration]
-        return earlier[-1] if earlier else found[0]
-
-    def restore_stable(self, decision: Decision, checkpoints: Path, echo=print) -> None:
-        """Load the newest stable checkpoint's weights, optimizer, KL controller and score normaliser (not the RNG
-        or the data position), then stop or continue with a lower learning rate (``ppo.kl_stop_action``)."""
-        stable = self.guards.last_stable
-        path = step_dir(checkpoints, stable) if stable is not None and checkpoints is not None else None
-        if path is None or not path.is_dir():
-            found = list_checkpoints(checkpoints) if checkpoints is not None else []
-            path = found[0] if found else None
-        if path is None:
-            where = f" under {checkpoints}" if checkpoints is not None else ""
-            raise TetherError(f"{decision.evidence}, and no checkpoint to restore{where}")
-        self.restore(path, full=False)
-        self.guards.rollbacks += 1
-        self.guards.bad_steps = 0
-        action = self.cfg.kl_stop_action
-        if action == "rollback":
-            self.lr_scale *= self.cfg.kl_stop_lr_factor
-        else:
-            self.stopped = True
-        event = {"iteration": self.iteration, "kind": decision.kind, "evidence": decision.evidence}
-        self.events.append(event | {"restored": path.name, "action": action, "lr_scale": self.lr_scale})
-        then = "stopping" if action == "stop" else f"continuing with lr x{self.lr_scale:g}"
-        echo(f"guard at iteration {self.iteration}: {decision.evidence}; restored {path.name}, {then}")
 
     def summary(self, stats: dict) -> dict:
         """What ``summary.json`` records about the run: progress, guard events, the last iteration's metrics."""
@@ -463,48 +416,3 @@ class PPOTrainer:
         return cls(
             config, roles.actor_critic, roles.reference, roles.tokenizer, roles.scorer, roles.placement, roles.gold
         )
-
-    def save(self, root: Path) -> Path:
-        """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit."""
-        state = {
-            "command": "ppo",
-            "iteration": self.iteration,
-            "update_index": self.update_index,
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "moments": self.moments.state_dict(),
-            "guards": self.guards.state_dict(),
-            "alarms": self.alarms.state_dict(),
-            "prompt_order": self.prompt_order,
-            "stage_index": self.stage_index,
-            "lr_scale": self.lr_scale,
-            "stopped": self.stopped,
-            "events": self.events,
-            "config": to_dict(self.config),
-        }
-        path = save_checkpoint(
-            step_dir(root, self.iteration),
-            self.actor_critic,
-            self.optimizer,
-            state,
-            self.generator,
-            policy=self.actor_critic.policy,
-            tokenizer=self.tokenizer,
-        )
-        self.saved_at = self.iteration
-        prune_checkpoints(root, self.config.ppo.keep_checkpoints, protect=self.guards.last_stable)
-        return path
-
-    def restore(self, path: Path, full: bool = True) -> dict:
-        """Load a checkpoint onto this trainer's device. ``full``: everything, to resume the run exactly; otherwise
-        only the weights, optimizer, KL controller and score normaliser (a guard's rollback)."""
-        state = load_training_state(path, self.actor_critic, self.optimizer, self.generator, restore_rng=full)
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.moments.load_state_dict(state["moments"])
-        if full:
-            self.iteration, self.update_index = state["iteration"], state["update_index"]
-            self.guards.load_state_dict(state["guards"])
-            self.alarms.load_state_dict(state.get("alarms", {}))
-            self.prompt_order, self.stage_index = state["prompt_order"], state["stage_index"]
-            self.lr_scale, self.stopped, self.events = state["lr_scale"], state["stopped"], state["events"]
-        self.saved_at = checkpoint_step(path)
-        return state

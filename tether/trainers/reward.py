@@ -20,9 +20,9 @@ from tether.data import preference_batch, preference_pairs, read_records
 from tether.errors import TetherError
 from tether.models import enable_gradient_checkpointing, load_tokenizer, new_scalar_model, sequence_scores
 from tether.precision import Placement
-from tether.checkpoint import python_rng_state
 from tether.trainers.common import (
     Shown,
+    PairOrder,
     StepCheckpoints,
     lr_factor,
     progress,
@@ -112,30 +112,25 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print, resume_from: Path
     model.config.pad_token_id = saved_pad_id(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     checkpoints = StepCheckpoints("reward", run_dir, config, model, optimizer, cfg.save_every)
-    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    # ``order`` is reshuffled in place at each epoch's start (so each epoch's order depends on the previous one)
-    rng, order, first, held = random.Random(config.seed), list(range(len(train))), 0, None
+    order, first, held = PairOrder(len(train), cfg.batch_size, cfg.epochs, config.seed), 0, None
+    total = order.total
     if resume_from is not None:
         state = checkpoints.resume(resume_from)
-        first, order = state["step"], state["order"]
-        rng.setstate(python_rng_state(state["shuffle_rng"]))
+        first = state["step"]
+        order.load_state(state)
     bar, start = progress(total, "reward", initial=first, shown=SHOWN, echo=echo), time.time()
     logger = MetricLogger.from_config(run_dir, config, echo, display=bar)
     with stop_requests() as stop, logger, bar:
         for step in range(first, total):
-            index = step % steps_per_epoch
-            if index == 0:
-                rng.shuffle(order)
-            batch = [train[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
+            batch = [train[i] for i in order.batch(step)]
             stats = reward_step(model, optimizer, tokenizer, batch, cfg, placement, step, total)
             bar.update(1)
             if step % 10 == 0:
                 logger.log(stats | {"time/elapsed": time.time() - start}, step)
-            if index == steps_per_epoch - 1:  # the epoch's end: held-out metrics, logged at its last step
+            if order.ends_epoch(step):  # the epoch's end: held-out metrics, logged at its last step
                 held = evaluate_pairs(model, tokenizer, held_out, cfg.max_length, placement)
                 logger.log({**{f"rm/eval_{k}": v for k, v in held.items()}, **pair_counts}, step)
-            checkpoints.after_step(step + 1, total, stop, {"order": order, "shuffle_rng": rng.getstate()})
+            checkpoints.after_step(step + 1, total, stop, order.state())
     if held is None:  # resumed from a checkpoint written after the last step
         held = evaluate_pairs(model, tokenizer, held_out, cfg.max_length, placement)
     echo(
