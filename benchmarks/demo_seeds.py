@@ -29,9 +29,11 @@ def main() -> int:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         s = json.loads((run_dir / "summary.json").read_text())
         gain = 100 * (s["ppo.correct"] - s["sft.correct"])
-        print(f"| {seed} | {s['sft.correct']:.1%} -> {s['ppo.correct']:.1%} ({gain:+.1f}) | "
-              f"{s['sft.gold']:+.3f} -> {s['ppo.gold']:+.3f} | {s['ppo.kl']:.2f} | {s['rm.accuracy']:.1%} | "
-              f"{s['wall_seconds']:.0f} s |")
+        print(
+            f"| {seed} | {s['sft.correct']:.1%} -> {s['ppo.correct']:.1%} ({gain:+.1f}) | "
+            f"{s['sft.gold']:+.3f} -> {s['ppo.gold']:+.3f} | {s['ppo.kl']:.2f} | {s['rm.accuracy']:.1%} | "
+            f"{s['wall_seconds']:.0f} s |"
+        )
         ok &= gain >= 15 and s["ppo.kl"] < 10 and s["rm.accuracy"] >= 0.8
     return 0 if ok else 1
 

@@ -9,8 +9,9 @@ step rewards (the outcome plus ``STEP_WEIGHT`` on the last token of every correc
 final answer) is logged every iteration on the rollout (20,000 PPO prompts, so mostly fresh ones) and measured at
 the end on held-out prompts that neither SFT nor PPO saw. Reported per run: the first iteration whose rollout gold,
 averaged over the last ``--window`` iterations, reaches each of ``--levels``, and the final held-out gold and step
-accuracy. Finished runs are kept: rerunning the script reuses them. Writes ``results.json`` under ``--out`` and
-prints a markdown table. About 7 min of SFT and 2 x 1 min of PPO per seed on 2 CPU cores.
+accuracy. Finished runs are kept: rerunning the script reuses them. Writes ``results.json`` and
+``rollout_gold.png`` under ``--out`` and prints a markdown table. About 5 min of SFT and 2 x 1 min of PPO per seed
+on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import matplotlib
 import torch
 
 from tether.config import RunConfig
@@ -36,6 +38,9 @@ from tether.tracking import read_metrics
 from tether.trainers.common import seed_everything
 from tether.trainers.ppo import PPOTrainer
 from tether.trainers.sft import train_sft
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 REWARDS = {"outcome": f"{task.__name__}:outcome_reward", "steps": f"{task.__name__}:step_reward"}
 
@@ -167,6 +172,23 @@ def _reached(iteration: int | None, steps: int) -> str:
     return str(iteration) if iteration is not None else f"not in {steps}"
 
 
+def plot(all_results: dict[int, dict], rewards: list[str], window: int, path: Path) -> None:
+    """Rollout gold per iteration (mean of the last ``window`` iterations), one line per seed and reward."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for reward, color in zip(rewards, ("tab:blue", "tab:orange")):
+        for i, (_seed, result) in enumerate(sorted(all_results.items())):
+            gold = result[reward]["rollout_gold"]
+            smooth = [statistics.mean(gold[max(0, t - window + 1) : t + 1]) for t in range(len(gold))]
+            label = reward if i == 0 else None
+            ax.plot(range(1, len(gold) + 1), smooth, color=color, alpha=0.8, label=label, lw=1.2)
+    ax.set(xlabel="PPO iteration", ylabel=f"rollout gold ({window}-iteration mean)", title="steps task, seeds 0-2")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -190,6 +212,7 @@ def main() -> int:
         all_results[seed] = run_seed(out, seed, args)
         print(f"seed {seed} done", flush=True)
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in all_results.items()}, indent=2))
+    plot(all_results, args.rewards, args.window, out / "rollout_gold.png")
     print(table(all_results, args.levels, args.window, args.ppo_steps, args.rewards))
     return 0
 

@@ -26,6 +26,11 @@ def test_dotted_overrides_are_typed():
     assert config.ppo.value_clip_range is None and config.sampling.top_p == 0.9
 
 
+def test_override_text_that_is_not_yaml_stays_a_string():
+    config = build_config(overrides=["model.step_marker=,", "ppo.filler_phrases=a: b: c"])
+    assert config.model.step_marker == "," and config.ppo.filler_phrases == "a: b: c"
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("seed: 3\nppo:\n  kl_coef: 0.2\n  mini_batch_size: 8\n")
@@ -62,6 +67,7 @@ def test_trl_aliases_map_to_canonical_names(tmp_path):
         ("ppo.mini_batch_size=10", "must divide ppo.rollout_batch_size"),
         ("sampling.temperature=0", "sampling.temperature must be > 0"),
         ("clip_range", "must look like section.field=value"),
+        ("ppo.steps=[1,", "ppo.steps: expected an integer"),  # not valid YAML: a string, then the type check
     ],
 )
 def test_bad_values_are_one_line_errors(override, message):

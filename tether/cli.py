@@ -27,7 +27,8 @@ DESCRIPTIONS = {
     "sft": "Supervised fine-tuning on {prompt, response} JSONL (sft.data).",
     "reward": "Train a reward model on {prompt, chosen, rejected} JSONL (reward.data).",
     "dpo": "DPO: train the policy directly on {prompt, chosen, rejected} JSONL (dpo.data), no reward model.",
-    "ppo": "PPO against a reward model or reward function (model.reward_model) on {prompt} JSONL (ppo.prompts).",
+    "ppo": "PPO against a reward model or function (model.reward_model) or an environment (ppo.env) on {prompt} JSONL "
+    "(ppo.prompts).",
     "sample": "Sample responses from a model folder.",
     "iterate": "Iterative RLHF on a finished ppo or demo run: label new samples, retrain the reward model, more PPO.",
 }

@@ -572,8 +572,19 @@ def build_config(config_file: str | None = None, overrides: list[str] | None = N
         if "=" not in item:
             raise TetherError(f"override '{item}' must look like section.field=value")
         key, raw = item.split("=", 1)
-        set_value(config, key.strip().lstrip("-"), yaml.safe_load(raw) if raw.strip() else "", source="command line")
+        set_value(config, key.strip().lstrip("-"), _override_value(raw), source="command line")
     return config.finalize()
+
+
+def _override_value(raw: str):
+    """An override's value as YAML reads it (``0.1``, ``true``, ``null``, ``[a, b]``); text that is not valid YAML
+    (``,`` or ``a: b: c``) stays the string it is, and the field's type check decides."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def to_dict(config: Any) -> dict:

@@ -299,6 +299,11 @@ class PairOrder:
     def state(self) -> dict:
         return {"order": self.order, "shuffle_rng": self.rng.getstate()}
 
-    def load_state(self, state: dict) -> None:
+    def start(self, checkpoints: StepCheckpoints, resume_from: Path | None) -> int:
+        """The first step to take: 0, or the step of the checkpoint ``resume_from``, whose order this restores."""
+        if resume_from is None:
+            return 0
+        state = checkpoints.resume(resume_from)
         self.order = state["order"]
         self.rng.setstate(python_rng_state(state["shuffle_rng"]))
+        return state["step"]

@@ -147,12 +147,8 @@ def train_dpo(config: RunConfig, run_dir: Path, echo=print, resume_from: Path | 
     trained = [p for p in policy.parameters() if p.requires_grad]  # a LoRA policy trains its adapter only
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     checkpoints = StepCheckpoints("dpo", run_dir, config, policy, optimizer, cfg.save_every)
-    order, first, held = PairOrder(len(train), cfg.batch_size, cfg.epochs, config.seed), 0, None
-    total = order.total
-    if resume_from is not None:
-        state = checkpoints.resume(resume_from)
-        first = state["step"]
-        order.load_state(state)
+    order, held = PairOrder(len(train), cfg.batch_size, cfg.epochs, config.seed), None
+    first, total = order.start(checkpoints, resume_from), order.total
     bar, start = progress(total, "dpo", initial=first, shown=SHOWN, echo=echo), time.time()
     logger = MetricLogger.from_config(run_dir, config, echo, display=bar)
     with stop_requests() as stop, logger, bar:
