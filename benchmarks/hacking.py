@@ -4,8 +4,10 @@ docs/reward-hacking.md.
     python benchmarks/hacking.py --seeds 0 1 2 --out runs/hacking --jobs 2
 
 Each seed trains its SFT model once (the unbiased demo); every biased run of that seed starts from it
-(``demo.sft_model``: the same seed gives the same SFT model, so this only saves time). Runs go ``--jobs`` at a time,
-each on one thread. Prints a markdown table and writes ``results.json`` and ``proxy_vs_gold.png`` under ``--out``.
+(``demo.sft_model``: the same seed gives the same SFT model; the later phases then draw from a different point of
+the RNG stream than a run that trains its own SFT model, so their numbers are comparable, not identical). Runs go
+``--jobs`` at a time, each on one thread. Prints a markdown table and writes ``results.json`` and
+``proxy_vs_gold.png`` under ``--out``.
 """
 
 from __future__ import annotations
