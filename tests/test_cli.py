@@ -136,7 +136,8 @@ def test_ppo_with_a_python_reward_function(tmp_path, policy_dir):
     )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
-    assert record["reward/score"] == pytest.approx(-(record["response/length"] - record["response/ended"]), abs=1e-4)
+    # minus the decoded length: one character per token but EOS, and special tokens (pad, unk) decode to nothing
+    assert -(record["response/length"] - record["response/ended"]) - 1e-4 <= record["reward/score"] < 0
 
 
 @pytest.mark.slow

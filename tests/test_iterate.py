@@ -94,7 +94,7 @@ def test_iterate_retrains_the_reward_model_and_continues_ppo_on_the_same_referen
     # where a fresh run (policy = reference) starts at exactly 0
     first_kl = read_metrics(tmp_path / "first" / "metrics.jsonl")[0]["kl/ref"]
     round_kl = read_metrics(round_dir / "ppo" / "metrics.jsonl")[0]["kl/ref"]
-    assert abs(first_kl) < 1e-5 and round_kl > 0.01
+    assert abs(first_kl) < 1e-5 and abs(round_kl) > 0.01  # the k1 estimate of a sample may be negative
 
 
 def test_iterate_bad_input_is_one_line(tmp_path, tiny_ppo_args):

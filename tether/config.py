@@ -71,6 +71,8 @@ class SamplingConfig:
     """Nucleus sampling threshold (1.0 = off; other values make the sampler differ from the scored policy)."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    min_new_tokens: int = 0
+    """Shortest response: stop tokens are held back until this many tokens are sampled (0 = off)."""
     max_prompt_length: int = 128
     """Prompts longer than this many tokens are cut from the left."""
 

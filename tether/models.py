@@ -278,11 +278,14 @@ class ActorCritic(nn.Module):
         hidden = hidden_states(self.policy, sequence_ids, attention_mask, fill_id)
         response_hidden = hidden[:, prompt_length - 1 : -1]
         logits = self.policy.get_output_embeddings()(response_hidden).float() / temperature
+        return logits, self.values(sequence_ids, attention_mask, prompt_length, fill_id, response_hidden)
+
+    def values(self, sequence_ids, attention_mask, prompt_length: int, fill_id: int, response_hidden):
+        """Values (B, T) of the response positions: the value head on the policy's ``response_hidden`` (B, T, d), or
+        the separate critic's own pass over the sequence."""
         if self.value_head is not None:
-            values = self.value_head(response_hidden).squeeze(-1).float()
-        else:
-            values = token_scalars(self.critic, sequence_ids, attention_mask, fill_id)[:, prompt_length - 1 : -1]
-        return logits, values
+            return self.value_head(response_hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return token_scalars(self.critic, sequence_ids, attention_mask, fill_id)[:, prompt_length - 1 : -1]
 
 
 def gather_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, fill_id: int) -> torch.Tensor:

@@ -1,33 +1,25 @@
 """Step 1 of the PPO loop: sample responses and compute, without gradients, everything PPO needs about them.
 
-Sampling uses Hugging Face ``generate`` with a KV cache. Log-probs are then recomputed with the same forward pass
-the update uses (temperature-scaled logits), so the first minibatch of the first epoch has ratio exactly 1
-(ppo_details #9, #16). The forward passes run in ``autocast()`` (a :meth:`tether.precision.Placement.autocast`: bf16
+Sampling is :func:`tether.sampling.sample`, a lean KV-cached loop whose randomness belongs to each row. While it
+samples, it records the policy's log-probs and entropy of the temperature-scaled logits and the trunk's hidden states
+(a value head reads them), so the policy's trunk runs once per rollout. These are the numbers the update's forward
+pass computes (over the whole sequence, without a cache) to float rounding, so the first minibatch of the first
+epoch has ratio 1 (ppo_details #9, #16). Responses that did not come from the sampler (the legacy API's ``step``,
+multi-turn episodes) get them from that full forward pass instead. The forward passes run in ``autocast()`` (a :meth:`tether.precision.Placement.autocast`: bf16
 autocast for ``model.dtype=bfloat16``); log-probs and entropies are computed from float32 logits outside it.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-
 import torch
-from transformers import GenerationConfig
-
 from tether.algo import entropy_from_logits, logprobs_from_logits
-from tether.models import ActorCritic, gather_ids, model_inputs, response_logits
+from tether.models import ActorCritic, gather_ids, response_logits
+from tether.sampling import Sampled, Sampling, sample
 from tether.types import Rollout
 
-
-@dataclass
-class Sampling:
-    """How responses are drawn (the fields of SamplingConfig the sampler reads)."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_new_tokens: int = 0  # EOS is masked out before this many response tokens (0: off)
+__all__ = ["Sampling", "build_rollout", "collect_rollout", "generate", "mask_after_eos", "stop_ids"]
 
 
 def stop_ids(tokenizer, policy=None) -> list[int]:
@@ -54,34 +46,24 @@ def as_stop_list(eos_id: int | list[int]) -> list[int]:
 
 @torch.no_grad()
 def generate(
-    policy, prompt_ids, prompt_mask, sampling: Sampling, eos_id: int | list[int], pad_id: int, autocast=nullcontext
+    policy,
+    prompt_ids,
+    prompt_mask,
+    sampling: Sampling,
+    eos_id: int | list[int],
+    pad_id: int,
+    autocast=nullcontext,
+    keys: torch.Tensor | None = None,
 ):
     """Sample one response per prompt. Returns (response_ids, response_mask), both (B, T), right-padded.
 
     ``eos_id`` is one stop token or a list of them (:func:`stop_ids`; the first is also the fill id). The response
     keeps its stop token (and ``response_mask`` covers it); tokens after it become ``pad_id``. Sampling runs in the
-    ``autocast()`` context.
+    ``autocast()`` context; ``keys`` are the rows' noise keys (:func:`tether.sampling.row_keys`).
     """
     stops = as_stop_list(eos_id)
-    config = GenerationConfig(
-        do_sample=True,
-        max_new_tokens=sampling.max_new_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        min_new_tokens=sampling.min_new_tokens,
-        eos_token_id=stops,
-        pad_token_id=stops[0],  # finished rows are filled with EOS inside generate; replaced by pad below
-    )
-    was_training = policy.training
-    policy.eval()
-    inputs = model_inputs(prompt_ids, prompt_mask, stops[0])
-    inputs.pop("position_ids")  # generate derives positions from the attention mask itself (ppo_details #11)
-    with autocast():
-        out = policy.generate(**inputs, generation_config=config)
-    policy.train(was_training)
-    response_ids = out[:, prompt_ids.shape[1] :]
-    return mask_after_eos(response_ids, stops, pad_id)
+    sampled = sample(policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast)
+    return mask_after_eos(sampled.tokens, stops, pad_id)
 
 
 def is_stop(ids: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
@@ -109,18 +91,30 @@ def score_tokens(
     fill_id: int,
     chunk: int,
     autocast=nullcontext,
+    sampled: Sampled | None = None,
 ):
-    """Old log-probs, reference log-probs, values and entropy (all (B, T)), computed in chunks of ``chunk`` rows."""
+    """Old log-probs, reference log-probs, values and entropy (all (B, T)), computed in chunks of ``chunk`` rows.
+
+    With ``sampled`` (recorded by the sampler) the policy's log-probs, entropy and hidden states are taken from it:
+    only the reference (and a separate critic) run here.
+    """
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
     for start in range(0, sequence_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
         ids, mask = sequence_ids[rows], attention_mask[rows]
         resp = gather_ids(response_ids[rows], mask[:, prompt_length:], fill_id)
         with autocast():  # logits and values come out in float32
-            logits, values = actor_critic(ids, mask, prompt_length, temperature, fill_id)
+            if sampled is None:
+                logits, values = actor_critic(ids, mask, prompt_length, temperature, fill_id)
+            else:
+                values = actor_critic.values(ids, mask, prompt_length, fill_id, sampled.hidden[rows])
             ref_logits = response_logits(reference, ids, mask, prompt_length, temperature, fill_id)
-        outs["logprobs"].append(logprobs_from_logits(logits, resp))
-        outs["entropy"].append(entropy_from_logits(logits))
+        if sampled is None:
+            outs["logprobs"].append(logprobs_from_logits(logits, resp))
+            outs["entropy"].append(entropy_from_logits(logits))
+        else:
+            outs["logprobs"].append(sampled.logprobs[rows])
+            outs["entropy"].append(sampled.entropy[rows])
         outs["values"].append(values)
         outs["ref_logprobs"].append(logprobs_from_logits(ref_logits, resp))
     return {k: torch.cat(v) for k, v in outs.items()}
@@ -139,26 +133,31 @@ def collect_rollout(
     autocast=nullcontext,
     prompts: list | None = None,
     stops: list[int] | None = None,
+    keys: torch.Tensor | None = None,
+    clock: dict | None = None,
 ) -> Rollout:
-    """Generate responses and fill a Rollout with old/reference log-probs, values and raw scores.
+    """Sample responses and fill a Rollout with old/reference log-probs, values and raw scores.
 
     ``autocast`` is the context of the policy's and reference's forward passes; the scorer brings its own.
     ``prompts`` (the prompts as the data gave them, strings or conversations) go to the scorer; ``stops`` are the
-    tokens that end a response (default: the tokenizer's EOS). A scorer returns (B,) scores; one with a
-    ``score_steps`` method (``tether.rewards``' scorers) is asked for ``(raw_scores, step_scores)`` instead.
+    tokens that end a response (default: the tokenizer's EOS); ``keys`` are the rows' noise keys
+    (:func:`tether.sampling.row_keys`). A scorer returns (B,) scores; one with a ``score_steps`` method
+    (``tether.rewards``' scorers) is asked for ``(raw_scores, step_scores)`` instead. ``clock``, when given, receives
+    the seconds spent sampling (``time/sample``) and scoring (``time/score``: the scorer and the other passes).
     """
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     stops = stops or [eos_id]
-    response_ids, response_mask = generate(
-        actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, pad_id, autocast
-    )
+    start = time.perf_counter()
+    sampled = sample(actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast, record=True)
+    response_ids, response_mask = mask_after_eos(sampled.tokens, stops, pad_id)
+    sampled_at = time.perf_counter()
     scored = (prompt_ids, prompt_mask, response_ids, response_mask)
     score_steps = getattr(scorer, "score_steps", None)  # scores on the tokens where steps end, besides the outcome
     if score_steps is None:
         raw_scores, step_scores = scorer(*scored, tokenizer=tokenizer, prompts=prompts), None
     else:
         raw_scores, step_scores = score_steps(*scored, tokenizer=tokenizer, prompts=prompts)
-    return build_rollout(
+    rollout = build_rollout(
         actor_critic,
         reference,
         prompt_ids,
@@ -172,7 +171,11 @@ def collect_rollout(
         autocast,
         stops,
         step_scores=step_scores,
+        sampled=sampled,
     )
+    if clock is not None:
+        clock["time/sample"], clock["time/score"] = sampled_at - start, time.perf_counter() - sampled_at
+    return rollout
 
 
 @torch.no_grad()
@@ -191,11 +194,13 @@ def build_rollout(
     stops: list[int] | None = None,
     step_scores: torch.Tensor | None = None,
     env_mask: torch.Tensor | None = None,
+    sampled: Sampled | None = None,
 ) -> Rollout:
     """A Rollout for given responses and scores: old/reference log-probs, values and entropy, padding zeroed.
     ``ended`` marks responses that stopped with a token of ``stops`` (default: ``eos_id``); ``step_scores`` are
     (B, T) raw scores of steps that end before the last response token (``Rollout.step_scores``); ``env_mask``
-    (B, T) marks an environment's reply tokens, attended to but zeroed like padding (``Rollout.env_mask``)."""
+    (B, T) marks an environment's reply tokens, attended to but zeroed like padding (``Rollout.env_mask``);
+    ``sampled`` is what the sampler recorded about these responses (then the policy's trunk does not run again)."""
     ended = (is_stop(response_ids, stops or eos_id) & (response_mask == 1)).any(-1)
     sequence_ids = torch.cat([prompt_ids, response_ids], dim=1)
     seen = response_mask if env_mask is None else response_mask + env_mask
@@ -213,6 +218,7 @@ def build_rollout(
         eos_id,
         chunk,
         autocast,
+        sampled,
     )
     actor_critic.train(was_training)
     mask = response_mask.float()

@@ -98,7 +98,7 @@ class PolicySampler:
         dtype = self.placement.frozen_dtype
         self.policy = self.placement.frozen(load_causal_lm(str(source.policy), dtype, m.trust_remote_code))
         self.scorer = load_scorer(source.reward_model, self.tokenizer, self.placement, m.trust_remote_code)
-        self.sampling = Sampling(s.max_new_tokens, s.temperature, s.top_p, s.top_k)
+        self.sampling = Sampling.from_config(s)
         self.max_prompt_length = s.max_prompt_length
 
     def __call__(self, prompts: list, per_prompt: int, seed: int, candidates: int) -> list[dict]:

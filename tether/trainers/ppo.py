@@ -49,6 +49,7 @@ from tether.precision import Placement
 from tether.metrics import rollout_stats
 from tether.rewards import RunningMoments, decode_responses, transform_scores
 from tether.rollout import Sampling, collect_rollout, stop_ids
+from tether.sampling import row_keys
 from tether.roles import load_roles
 from tether.stages import stage_at, total_updates
 from tether.trainers.common import Shown, batches, lr_factor, progress, set_lr, stop_requests, write_summary
@@ -62,6 +63,15 @@ SHOWN = (
     Shown("gold/score", "gold", "gold score", trend=True),  # the demo's gold judge (its on_step), when logged
 )
 """What the live bar and the summary line of `tether ppo` show (those logged)."""
+
+
+def perf_stats(rollout: Rollout, stats: dict) -> dict[str, float]:
+    """Throughput of an iteration: response tokens per second of the whole step and, inside sampling, sampled tokens
+    (every row's, up to the longest response) per second of ``time/sample``."""
+    out = {"perf/tokens_per_sec": rollout.response_mask.sum().item() / stats["time/step"]}
+    if stats.get("time/sample"):
+        out["perf/sample_tokens_per_sec"] = rollout.response_ids.numel() / stats["time/sample"]
+    return out
 
 
 class PPOTrainer(SafetyRails):
@@ -103,9 +113,7 @@ class PPOTrainer(SafetyRails):
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps)
         self.kl_ctl = kl_controller(self.cfg.kl_control, self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
         self.moments = RunningMoments()
-        self.sampling = Sampling(
-            config.sampling.max_new_tokens, config.sampling.temperature, config.sampling.top_p, config.sampling.top_k
-        )
+        self.sampling = Sampling.from_config(config.sampling)
         self.micro_batch_size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
         self.iteration = 0
         self.update_index = 0
@@ -119,9 +127,10 @@ class PPOTrainer(SafetyRails):
         self.stopped = False  # a guard stopped the run
 
     # ---- step 1 -----------------------------------------------------------------------------------------------
-    def rollout(self, prompts: list) -> Rollout:
+    def rollout(self, prompts: list, clock: dict | None = None) -> Rollout:
         """Sample one response per prompt (a string or a conversation) with the current policy (no gradients);
-        with ``ppo.env``, play one multi-turn episode per prompt instead (tether.envs)."""
+        with ``ppo.env``, play one multi-turn episode per prompt instead (tether.envs). Row i of the batch samples
+        with the noise of (seed, iteration, i). ``clock`` receives the sampling and scoring seconds."""
         max_prompt_length = self.config.sampling.max_prompt_length
         if self.envs:
             return collect_episodes(
@@ -151,6 +160,8 @@ class PPOTrainer(SafetyRails):
             autocast=self.placement.autocast,
             prompts=prompts,
             stops=self.stops,
+            keys=row_keys(self.config.seed, self.iteration, range(len(prompts))),
+            clock=clock,
         )
 
     # ---- step 2 -----------------------------------------------------------------------------------------------
@@ -338,13 +349,13 @@ class PPOTrainer(SafetyRails):
                 self.enter_stage(bar.echo)
                 sampled_from = self.iteration
                 # 1. rollout: sample responses; old log-probs, reference log-probs, values, raw scores
-                batch = self.next_prompts(prompts)
-                rollout = self.rollout(batch)
+                batch, clock = self.next_prompts(prompts), {}
+                rollout = self.rollout(batch, clock)
                 t_rollout = time.perf_counter() - t0
                 # 2-5. reward, advantages, update, KL control
                 rollout, stats = self.step(rollout)
-                stats |= {"time/rollout": t_rollout, "time/step": time.perf_counter() - t0}
-                stats["perf/tokens_per_sec"] = rollout.response_mask.sum().item() / stats["time/step"]
+                stats |= clock | {"time/rollout": t_rollout, "time/step": time.perf_counter() - t0}
+                stats |= perf_stats(rollout, stats)
                 stats |= self.judge(rollout, batch)
                 if on_step is not None:
                     stats.update(on_step(self, rollout) or {})

@@ -1,0 +1,146 @@
+"""The lean sampler: its noise, its filters, a naive uncached reference, rows that sample alike in any batch, and
+what it records against the plain path (a full forward pass)."""
+
+import math
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from tether.algo import entropy_from_logits, logprobs_from_logits
+from tether.data import prompt_batch
+from tether.models import ActorCritic, load_causal_lm, model_inputs, reference_copy, response_logits
+from tether.precision import Placement
+from tether.rewards import FunctionScorer
+from tether.rollout import collect_rollout
+from tether.sampling import Sampling, draw, filter_logits, row_keys, sample, uniform_noise
+
+PROMPTS = ["1+1=", "12*34+5=", "9-4=", "7+7=", "100-1="]
+
+
+def test_noise_is_uniform_and_belongs_to_the_row_and_step():
+    keys = row_keys(0, 3, range(4))
+    u = uniform_noise(keys, 0, 50_000)
+    assert u.shape == (4, 50_000) and u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert torch.equal(uniform_noise(keys[2:3], 0, 50_000), u[2:3])  # a row's noise ignores the other rows
+    assert not torch.equal(uniform_noise(keys, 1, 50_000), u)  # and differs from step to step
+    assert len({tuple(row_keys(s, i, [0]).tolist()) for s in range(3) for i in range(3)}) == 9
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).expand(40_000, 5)
+    tokens = draw(logits, row_keys(1, 0, range(40_000)), step=0)
+    freq = torch.bincount(tokens, minlength=5).float() / 40_000
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
+
+
+def test_filters_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, Sampling(1, **kw)))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.5) == [True, False, False, False]  # the 0.5 head alone reaches 0.5
+    assert kept(top_p=0.79) == [True, True, False, False]
+    assert kept(top_p=0.9) == [True, True, True, False]
+    assert kept(top_p=0.01) == [True, False, False, False]  # the most likely token always stays
+    torch.testing.assert_close(filter_logits(logits, Sampling(1, temperature=0.5)), logits / 0.5)
+
+
+def naive_sample(model, ids, mask, sampling, keys, eos):
+    """Reference: no cache, the whole sequence through the model at every step, the same noise, EOS masked."""
+    tokens = []
+    for step in range(sampling.max_new_tokens):
+        logits = model(**model_inputs(ids, mask, eos)).logits[:, -1].float()
+        logits[:, eos] = float("-inf")
+        token = draw(filter_logits(logits, sampling), keys, step)
+        tokens.append(token)
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(tokens, 1)
+
+
+@pytest.mark.parametrize(
+    "sampling", [Sampling(10, 0.8, min_new_tokens=10), Sampling(10, top_p=0.9, top_k=20, min_new_tokens=10)]
+)
+def test_the_cached_loop_samples_what_the_naive_loop_samples(policy_dir, tokenizer, device, sampling):
+    placement = Placement(torch.device(device))
+    policy = placement.frozen(load_causal_lm(policy_dir))
+    ids, mask = map(placement.move, prompt_batch(tokenizer, PROMPTS, 32))
+    keys = row_keys(0, 0, range(len(PROMPTS)))
+    eos = tokenizer.eos_token_id  # held back by min_new_tokens: every row runs to max_new_tokens
+    fast = sample(policy, ids, mask, sampling, [eos], keys).tokens
+    assert torch.equal(fast.cpu(), naive_sample(policy, ids, mask, sampling, keys, eos).cpu())
+
+
+def test_a_row_samples_the_same_in_any_batch(policy_dir, tokenizer, device):
+    placement = Placement(torch.device(device))
+    policy = placement.frozen(load_causal_lm(policy_dir))
+    sampling, stops = Sampling(12, 1.0), [tokenizer.eos_token_id]
+    keys = row_keys(7, 2, range(len(PROMPTS)))
+    together = sample(policy, *map(placement.move, prompt_batch(tokenizer, PROMPTS, 32)), sampling, stops, keys)
+    for row in (0, 3):  # alone (no left padding) and in a pair with other padding
+        ids, mask = map(placement.move, prompt_batch(tokenizer, [PROMPTS[row], PROMPTS[4]], 32))
+        pair = sample(policy, ids, mask, sampling, stops, keys[[row, 4]]).tokens
+        length = min(pair.shape[1], together.tokens.shape[1])
+        assert torch.equal(pair[0, :length], together.tokens[row, :length])
+
+
+def test_top_k_one_is_greedy_generate(policy_dir, tokenizer, device):
+    placement = Placement(torch.device(device))
+    policy = placement.frozen(load_causal_lm(policy_dir))
+    ids, mask = map(placement.move, prompt_batch(tokenizer, PROMPTS, 32))
+    eos = tokenizer.eos_token_id
+    ours = sample(policy, ids, mask, Sampling(8, top_k=1, min_new_tokens=8), [eos]).tokens
+    config = GenerationConfig(do_sample=False, max_new_tokens=8, min_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
+    theirs = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
+    assert torch.equal(ours, theirs)
+
+
+def test_min_new_tokens_holds_the_stop_back(policy_dir, tokenizer, device):
+    placement = Placement(torch.device(device))
+    policy = placement.frozen(load_causal_lm(policy_dir))
+    ids, mask = map(placement.move, prompt_batch(tokenizer, PROMPTS, 32))
+    eos = tokenizer.eos_token_id
+    tokens = sample(policy, ids, mask, Sampling(6, min_new_tokens=4), [eos], row_keys(0, 0, range(5))).tokens
+    assert not (tokens[:, :4] == eos).any()
+    stopped = (tokens == eos).long()
+    assert torch.equal(stopped.cummax(1).values, stopped)  # after a row's stop token comes only the fill id
+
+
+def test_recorded_logprobs_entropy_and_hidden_match_the_full_forward(policy_dir, tokenizer, device):
+    placement = Placement(torch.device(device))
+    policy = placement.frozen(load_causal_lm(policy_dir))
+    ids, mask = map(placement.move, prompt_batch(tokenizer, PROMPTS, 32))
+    got = sample(policy, ids, mask, Sampling(9, 0.7, top_p=0.8), [tokenizer.eos_token_id], record=True)
+    seq = torch.cat([ids, got.tokens], 1)
+    full_mask = torch.cat([mask, torch.ones_like(got.tokens)], 1)
+    logits = response_logits(policy, seq, full_mask, ids.shape[1], 0.7, tokenizer.eos_token_id)
+    torch.testing.assert_close(got.logprobs, logprobs_from_logits(logits, got.tokens), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.entropy, entropy_from_logits(logits), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got.logprobs).all()  # recorded before top-p, as the update computes them
+    assert got.hidden.shape == (*got.tokens.shape, policy.config.n_embd)
+
+
+@pytest.mark.parametrize("critic", [False, True])
+def test_rollout_from_the_recording_equals_the_plain_path(policy_dir, reward_dir, tokenizer, device, critic):
+    """collect_rollout (the sampler's recording) against build_rollout's full forward on the same responses."""
+    from tether.models import load_reward_model
+    from tether.rollout import build_rollout
+
+    torch.manual_seed(0)
+    placement = Placement(torch.device(device))
+    policy = load_causal_lm(policy_dir)
+    value_model = load_reward_model(reward_dir) if critic else None
+    actor_critic = placement.trained(ActorCritic(policy, value_model))
+    if not critic:
+        torch.nn.init.normal_(actor_critic.value_head.weight)  # non-zero values, to compare something
+    reference = placement.frozen(reference_copy(policy))
+    ids, mask = map(placement.move, prompt_batch(tokenizer, PROMPTS, 32))
+    scorer = FunctionScorer(lambda prompts, responses: [float(len(r)) for r in responses])
+    fast = collect_rollout(actor_critic, reference, scorer, tokenizer, ids, mask, Sampling(10, 0.9), chunk=2)
+    plain = build_rollout(
+        actor_critic, reference, ids, mask, fast.response_ids, fast.response_mask, fast.raw_scores, 0.9,
+        tokenizer.eos_token_id, chunk=3,
+    )  # fmt: skip
+    for name in ("logprobs", "ref_logprobs", "values", "entropy"):
+        torch.testing.assert_close(getattr(fast, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
+    assert math.isclose(fast.response_mask.float().mean().item(), plain.response_mask.float().mean().item())

@@ -1,0 +1,192 @@
+"""The sampler: a lean KV-cached decoding loop, with randomness that belongs to each row, not to the batch.
+
+Hugging Face ``generate`` spends most of a small model's decoding step in Python (logits processors, stopping
+criteria, input preparation); this loop does only what tether's sampling needs: one forward of the new token
+through the trunk with the cache, the LM head on the last position only, temperature, top-k, top-p and
+min-new-tokens on float32 logits, and stop tokens handled in the loop (finished rows are filled with the first stop
+id; :func:`tether.rollout.mask_after_eos` turns them into padding).
+
+Each row draws its tokens by the Gumbel-max trick from noise that is a hash of ``(row key, step, token id)``:
+``argmax(logits / temperature + g)`` with ``g = -log(-log(u))`` samples exactly from the softmax. A row's key comes
+from ``(seed, iteration, row index in the rollout batch)`` (:func:`row_keys`), so a row samples the same tokens
+whatever else is in its batch: on one process or split over several, in any chunking, on any device. The hash is
+integer arithmetic (splitmix64), identical on every device.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from tether.algo import entropy_from_logits, logprobs_from_logits
+from tether.models import model_inputs, trunk
+
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class Sampling:
+    """How responses are drawn (the fields of SamplingConfig the sampler reads)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_new_tokens: int = 0  # stop tokens are masked out before this many response tokens (0: off)
+
+    @classmethod
+    def from_config(cls, config) -> Sampling:
+        """The settings of a :class:`tether.config.SamplingConfig`."""
+        return cls(config.max_new_tokens, config.temperature, config.top_p, config.top_k, config.min_new_tokens)
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 torch stores."""
+    x &= MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _mix_int(x: int) -> int:
+    """splitmix64's finaliser on a Python int (64-bit wraparound)."""
+    x = (x + GOLDEN) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on an int64 tensor (multiplication wraps around, as in C)."""
+    x = x + _signed(GOLDEN)
+    x = (x ^ _shr(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def row_keys(seed: int, iteration: int, rows, device=None) -> torch.Tensor:
+    """(B,) int64 keys of the rows with these indices in iteration ``iteration``'s rollout batch of run ``seed``."""
+    base = _mix_int(_mix_int(seed) ^ iteration)
+    return torch.tensor([_signed(_mix_int(base ^ int(r))) for r in rows], dtype=torch.int64, device=device)
+
+
+def random_keys(batch: int, device=None) -> torch.Tensor:
+    """(B,) keys drawn from torch's global generator (so ``torch.manual_seed`` still decides the samples)."""
+    return torch.randint(-(1 << 62), 1 << 62, (batch,), dtype=torch.int64).to(device)
+
+
+def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(B, V) float32 uniforms in (0, 1): a hash of (row key, step, token id), the same on every device."""
+    step_keys = _mix(keys ^ _signed(_mix_int(step + 1)))
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64) * _signed(GOLDEN)
+    bits = _shr(_mix(step_keys[:, None] ^ ids[None, :]), 40)  # the top 24 bits
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Temperature-scaled float32 logits with everything outside top-k and the top-p nucleus set to -inf."""
+    logits = logits.float() / sampling.temperature
+    vocab = logits.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - sampling.top_p
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def draw(logits: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """(B,) token ids sampled from softmax(``logits``) by Gumbel-max with each row's own noise."""
+    gumbel = -torch.log(-torch.log(uniform_noise(keys, step, logits.shape[-1])))
+    return torch.argmax(logits + gumbel, dim=-1)
+
+
+def cache_argument(body) -> str:
+    """The name a transformers trunk gives its KV-cache argument (``cache`` from transformers 5.2x on)."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def next_token_logits(model, ids, attention_mask, position_ids, cache):
+    """Logits (B, V) and the trunk's hidden state (B, d) at the last position, and the grown KV cache."""
+    body = trunk(model)
+    name = cache_argument(body)
+    out = body(
+        input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **{name: cache}
+    )
+    hidden = out.last_hidden_state[:, -1]
+    return model.get_output_embeddings()(hidden), hidden, out[name]
+
+
+@dataclass
+class Sampled:
+    """What :func:`sample` drew: tokens, and (``record=True``) what the policy said about them on the way.
+
+    ``logprobs`` and ``entropy`` come from the temperature-scaled logits before top-k/top-p (as PPO's update computes
+    them); ``hidden`` is the trunk's last hidden state at the position that predicted each token (a value head reads
+    it). All are (B, T) or (B, T, d), T <= max_new_tokens, and cover the filler after a row's stop token too.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: Sampling,
+    stops: list[int],
+    keys: torch.Tensor | None = None,
+    autocast=nullcontext,
+    record: bool = False,
+) -> Sampled:
+    """Sample up to ``max_new_tokens`` per row; after a row's stop token come copies of ``stops[0]``.
+
+    ``prompt_ids`` are left-padded; ``keys`` (B,) are the rows' noise keys (:func:`row_keys`; default
+    :func:`random_keys`). The loop ends when every row has stopped.
+    """
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    keys = random_keys(batch, device) if keys is None else keys.to(device)
+    stop_ids = torch.tensor(stops, device=device)
+    inputs = model_inputs(prompt_ids, prompt_mask, stops[0])
+    attention, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps: dict[str, list[torch.Tensor]] = {"tokens": [], "logprobs": [], "entropy": [], "hidden": []}
+    was_training = model.training
+    model.eval()
+    with autocast():
+        logits, hidden, cache = next_token_logits(model, inputs["input_ids"], attention, inputs["position_ids"], None)
+    for step in range(sampling.max_new_tokens):
+        logits = allowed = logits.float()
+        if step < sampling.min_new_tokens:
+            allowed = logits.index_fill(-1, stop_ids, float("-inf"))
+        token = draw(filter_logits(allowed, sampling), keys, step).masked_fill(done, stops[0])
+        steps["tokens"].append(token)
+        if record:
+            scaled = logits[:, None] / sampling.temperature
+            steps["logprobs"].append(logprobs_from_logits(scaled, token[:, None])[:, 0])
+            steps["entropy"].append(entropy_from_logits(scaled)[:, 0])
+            steps["hidden"].append(hidden)
+        done |= torch.isin(token, stop_ids)
+        if step + 1 == sampling.max_new_tokens or bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        position = position + 1
+        with autocast():
+            logits, hidden, cache = next_token_logits(model, token[:, None], attention, position, cache)
+    model.train(was_training)
+    return Sampled(**{k: torch.stack(v, dim=1) if v else None for k, v in steps.items()})
