@@ -49,6 +49,7 @@ SETTINGS = {
     "tiny": dict(batch=64, mini_batches=4, epochs=4, new_tokens=32),
 }
 PROMPT_TOKENS = 32
+PHASES = ("generate", "score", "update")
 
 
 # ---- the work: models, prompts ---------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def summarise(name: str, runs: dict[str, list[dict]], flops: float, peak: float)
     out = {"setting": name}
     for side, records in runs.items():
         iters = [t for r in records for t in r["iteration_s"]]
-        phases = {k: statistics.median(t for r in records for t in r["phases"][k]) for k in ("generate", "score", "update")}
+        phases = {k: statistics.median(t for r in records for t in r["phases"][k]) for k in PHASES}
         out[side] = {
             "s_per_iter": statistics.median(iters),
             "phases": phases,
@@ -328,7 +329,8 @@ def main(argv=None) -> None:
             results["settings"].append(curve(real, real_reward, args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(json.dumps({s["setting"]: {k: v for k, v in s.items() if k not in ("runs", "times")} for s in results["settings"]}, indent=1))
+    brief = {s["setting"]: {k: v for k, v in s.items() if k not in ("runs", "times")} for s in results["settings"]}
+    print(json.dumps(brief, indent=1))
 
 
 if __name__ == "__main__":

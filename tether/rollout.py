@@ -5,8 +5,9 @@ samples, it records the policy's log-probs and entropy of the temperature-scaled
 (a value head reads them), so the policy's trunk runs once per rollout. These are the numbers the update's forward
 pass computes (over the whole sequence, without a cache) to float rounding, so the first minibatch of the first
 epoch has ratio 1 (ppo_details #9, #16). Responses that did not come from the sampler (the legacy API's ``step``,
-multi-turn episodes) get them from that full forward pass instead. The forward passes run in ``autocast()`` (a :meth:`tether.precision.Placement.autocast`: bf16
-autocast for ``model.dtype=bfloat16``); log-probs and entropies are computed from float32 logits outside it.
+multi-turn episodes) get them from that full forward pass instead. The forward passes run in ``autocast()`` (a
+:meth:`tether.precision.Placement.autocast`: bf16 autocast for ``model.dtype=bfloat16``); log-probs and entropies are
+computed from float32 logits outside it.
 """
 
 from __future__ import annotations
