@@ -11,17 +11,20 @@ import os
 import sys
 from pathlib import Path
 
+from tether import distributed
 from tether.config import RunConfig, build_config, help_text
-from tether.errors import TetherError
+from tether.errors import Interrupted, TetherError
 from tether.plot import PPO_CURVES, plot_metrics
 
 SECTIONS = {
     "demo": ["model", "sampling", "sft", "reward", "ppo", "logging", "demo"],
-    "sft": ["model", "sft", "logging"],
-    "reward": ["model", "reward", "logging"],
+    "sft": ["model", "sft", "logging", "distributed"],
+    "reward": ["model", "reward", "logging", "distributed"],
     "dpo": ["model", "dpo", "logging"],
-    "ppo": ["model", "sampling", "ppo", "logging"],
+    "ppo": ["model", "sampling", "ppo", "logging", "distributed"],
 }
+DATA_PARALLEL = ("sft", "reward", "ppo")
+"""The commands that run data-parallel under torchrun (docs/scaling.md)."""
 DESCRIPTIONS = {
     "demo": "Run the whole flow on the embedded arithmetic task: SFT -> preferences -> reward model -> PPO -> eval.",
     "sft": "Supervised fine-tuning on {prompt, response} JSONL (sft.data).",
@@ -104,6 +107,11 @@ def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def run(argv: list[str]) -> int:
     known, extra = _split_args(argv)
     args = _parser().parse_args(known)
+    if distributed.launched_processes() > 1 and args.command not in DATA_PARALLEL:
+        raise TetherError(
+            f"tether {args.command} runs on one process; of the commands only {', '.join(DATA_PARALLEL)} run under "
+            "torchrun with several"
+        )
     if args.command == "sample":
         return _sample(args)
     if args.command == "iterate":
@@ -122,12 +130,17 @@ def run(argv: list[str]) -> int:
     _quiet_transformers()
     from tether.trainers.common import make_run_dir, seed_everything
 
-    if getattr(args, "resume", None):
-        config, run_dir, resume_from = _resume(args, list(args.overrides) + extra)
+    resuming = bool(getattr(args, "resume", None))
+    if resuming:
+        config = _resume_config(args, list(args.overrides) + extra)
     else:
         config = build_config(args.config, list(args.overrides) + extra, base=_base_config(args.command))
+    _join_processes(config)
+    if resuming:
+        run_dir, resume_from = _resume(args)
+    else:
         run_dir, resume_from = make_run_dir(config, args.command), None
-        print(f"run folder: {run_dir}")
+        _say(f"run folder: {run_dir}")
     seed_everything(config.seed)
     if args.command == "demo":
         from tether.demo.pipeline import run_demo
@@ -136,15 +149,15 @@ def run(argv: list[str]) -> int:
     elif args.command == "sft":
         from tether.trainers.sft import train_sft
 
-        path = train_sft(config, run_dir, resume_from=resume_from)
+        path = train_sft(config, run_dir, echo=_say, resume_from=resume_from)
         _plot(run_dir, ["sft/loss", "sft/token_accuracy", "sft/lr"])
-        print(f"model: {path}")
+        _say(f"model: {path}")
     elif args.command == "reward":
         from tether.trainers.reward import train_reward
 
-        path, _ = train_reward(config, run_dir, resume_from=resume_from)
+        path, _ = train_reward(config, run_dir, echo=_say, resume_from=resume_from)
         _plot(run_dir, ["rm/loss", "rm/accuracy", "rm/margin", "rm/eval_accuracy", "rm/eval_margin"])
-        print(f"model: {path}")
+        _say(f"model: {path}")
     elif args.command == "dpo":
         from tether.trainers.dpo import CURVES, train_dpo
 
@@ -156,18 +169,42 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def _resume(args, overrides: list[str]) -> tuple[RunConfig, Path, Path]:
-    """``tether CMD --resume RUN``: RUN's saved config (plus any overrides) and its newest complete checkpoint."""
-    from tether.checkpoint import checkpoint_command, clean_partial
-    from tether.trainers.common import newest_checkpoint
+def _say(text: str) -> None:
+    """Print, on rank 0 only under torchrun."""
+    if distributed.is_main():
+        print(text)
 
+
+def _join_processes(config: RunConfig) -> None:
+    """Under torchrun: join the process group, on the backend that suits the models' device."""
+    from tether.precision import resolve_device
+
+    device = resolve_device(config.model.device)
+    cfg = config.distributed
+    distributed.check_strategy(cfg.strategy)
+    distributed.init(cfg.backend, device.type, cfg.timeout_minutes)
+
+
+def _resume_config(args, overrides: list[str]) -> RunConfig:
+    """``tether CMD --resume RUN``: RUN's saved config, plus any overrides."""
     run_dir = Path(args.resume)
     if not (run_dir / "config.yaml").is_file():
         raise TetherError(f"--resume {run_dir}: not a run folder (no config.yaml)")
     if args.config:
         raise TetherError("--resume takes the run's own config.yaml; give changes as overrides instead of --config")
-    config = build_config(run_dir / "config.yaml", overrides)
-    clean_partial(run_dir / "checkpoints")
+    return build_config(run_dir / "config.yaml", overrides)
+
+
+def _resume(args) -> tuple[Path, Path]:
+    """``tether CMD --resume RUN``: the run folder and its newest complete checkpoint (what a killed write left
+    behind is removed first, by rank 0)."""
+    from tether.checkpoint import checkpoint_command, clean_partial
+    from tether.trainers.common import newest_checkpoint
+
+    run_dir = Path(args.resume)
+    if distributed.is_main():
+        clean_partial(run_dir / "checkpoints")
+    distributed.barrier()
     found = newest_checkpoint(run_dir)
     if found is None:
         raise TetherError(
@@ -178,8 +215,8 @@ def _resume(args, overrides: list[str]) -> tuple[RunConfig, Path, Path]:
         raise TetherError(
             f"--resume {run_dir}: its checkpoints are from `tether {made_by}`, not `tether {args.command}`"
         )
-    print(f"run folder: {run_dir} (resuming from {found.name})")
-    return config, run_dir, found
+    _say(f"run folder: {run_dir} (resuming from {found.name})")
+    return run_dir, found
 
 
 def _ppo(config: RunConfig, run_dir: Path, resume_from: Path | None = None) -> None:
@@ -192,13 +229,14 @@ def _ppo(config: RunConfig, run_dir: Path, resume_from: Path | None = None) -> N
     trainer = PPOTrainer.from_config(config)
     if resume_from is not None:
         trainer.restore(resume_from)
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.iteration)
-    trainer.train(prompts, run_dir)
+        if distributed.is_main():
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.iteration)
+    trainer.train(prompts, run_dir, echo=_say)
     if trainer.saved_at != trainer.iteration:
         trainer.save(run_dir / "checkpoints")
     path = save_model(trainer.actor_critic.policy, trainer.tokenizer, run_dir / "model", trainer.placement.dtype)
     _plot(run_dir, PPO_CURVES)
-    print(f"model: {path}")
+    _say(f"model: {path}")
 
 
 def _iterate(run: str, overrides: list[str]) -> int:
@@ -228,6 +266,8 @@ def _iterate(run: str, overrides: list[str]) -> int:
 
 
 def _plot(run_dir: Path, keys: list[str]) -> None:
+    if not distributed.is_main():
+        return
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png", keys, title=str(run_dir))
 
 
@@ -264,13 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except TetherError as e:
-        print(f"tether: {e}", file=sys.stderr)
+        where = f" (rank {distributed.rank()})" if distributed.rank() else ""
+        if not (where and isinstance(e, Interrupted)):  # every rank stops together; rank 0 says so
+            print(f"tether{where}: {e}", file=sys.stderr)
         code = e.exit_code
     except BrokenPipeError:  # e.g. `tether ppo --help | head`
         code = 0
     except KeyboardInterrupt:
         print("tether: interrupted", file=sys.stderr)
         code = 130
+    finally:
+        distributed.shutdown()
     sys.exit(code)
 
 

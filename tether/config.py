@@ -252,6 +252,16 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: 'ddp' (every process holds the trained model) or 'fsdp' (its weights sharded over them)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend under torchrun: 'auto' is nccl when the models are on CUDA, else gloo."""
+    timeout_minutes: float = 30.0
+    """How long a process waits for the others at a collective before the run fails."""
+
+
+@dataclass
 class DemoConfig:
     sft_examples: int = 6000
     """Synthetic {"prompt", "response"} examples the starting model is fine-tuned on."""
@@ -313,6 +323,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOParams = field(default_factory=PPOParams)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
     stages: list[Stage] = field(default_factory=list)
@@ -334,6 +345,7 @@ class RunConfig:
             ("dpo.batch_size", self.dpo.batch_size),
             ("dpo.epochs", self.dpo.epochs),
             ("dpo.beta", self.dpo.beta),
+            ("distributed.timeout_minutes", self.distributed.timeout_minutes),
         ]:
             if value <= 0:
                 raise TetherError(f"{name} must be positive, got {value}")

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from tether.distributed import is_main
 from tether.errors import TetherError
 
 
@@ -67,8 +68,9 @@ class MetricLogger:
         self._runs = [_start_run(name, module, project, Path(run_dir), config) for name, module in backends]
 
     @classmethod
-    def from_config(cls, run_dir: str | Path, config, echo=print, display=None) -> MetricLogger:
-        """A logger set up from a run config's ``logging`` section (the whole config is recorded with the run).
+    def from_config(cls, run_dir: str | Path, config, echo=print, display=None) -> MetricLogger | NullLogger:
+        """A logger set up from a run config's ``logging`` section (the whole config is recorded with the run); a
+        :class:`NullLogger` on every process but rank 0 of a data-parallel run.
 
         Args:
             run_dir: the run folder; ``metrics.jsonl`` (and ``tensorboard/``) are written inside it.
@@ -76,6 +78,8 @@ class MetricLogger:
             echo: where the periodic metrics line is printed.
             display: the phase's live display, if any (see the class).
         """
+        if not is_main():
+            return NullLogger(run_dir)
         lc = config.logging
         return cls(
             run_dir,
@@ -119,6 +123,22 @@ class MetricLogger:
         for run in self._runs:
             run.close()
         self._runs = []
+
+
+class NullLogger:
+    """The logger of the processes that do not write (ranks > 0): every row is dropped."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "metrics.jsonl"  # rank 0's file, read only after the run
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def metrics_line(metrics: dict, step: int) -> str:

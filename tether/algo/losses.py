@@ -123,7 +123,9 @@ def ppo_value_loss(
         old = _valid_only(old_values.detach().to(new.dtype), valid)
         v_clip = old + torch.clamp(new - old, -value_clip_range, value_clip_range)
         error_clipped = (v_clip - target) ** 2
-        per_token, clip_hit = torch.maximum(error, error_clipped), (error_clipped > error).to(new.dtype)
+        per_token = torch.maximum(error, error_clipped)
+        # unclamped, old + (new - old) is new up to rounding: only a clamped value counts as clipped
+        clip_hit = ((error_clipped > error) & ((new - old).abs() > value_clip_range)).to(new.dtype)
     loss = 0.5 * _aggregate(per_token, response_mask, loss_denominator)
     with torch.no_grad():
         stats = {

@@ -26,6 +26,7 @@ from tether.checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from tether import distributed
 from tether.config import RunConfig, to_dict
 from tether.errors import Interrupted, TetherError
 from tether.models import export_policy
@@ -39,8 +40,13 @@ def seed_everything(seed: int) -> None:
 
 
 def make_run_dir(config: RunConfig, command: str) -> Path:
-    """Create the run folder and write the resolved config into it as ``config.yaml``."""
-    run_dir = Path(config.output_dir or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Create the run folder and write the resolved config into it as ``config.yaml`` (rank 0; every rank gets its
+    name)."""
+    name = config.output_dir or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(distributed.broadcast_object(name))  # rank 0's timestamp on every rank
+    if not distributed.is_main():
+        distributed.barrier()  # until rank 0 has made it
+        return run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise TetherError(f"output_dir '{run_dir}' is an existing file, not a folder")
     try:
@@ -48,6 +54,7 @@ def make_run_dir(config: RunConfig, command: str) -> Path:
     except OSError as e:  # e.g. a parent is a file, or no permission
         raise TetherError(f"output_dir '{run_dir}': cannot create the folder ({e.strerror})") from None
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    distributed.barrier()
     return run_dir
 
 
@@ -89,7 +96,7 @@ class Progress:
 
     def __init__(self, total: int, desc: str, initial: int = 0, shown=(), unit: str = "steps", echo=print):
         self.total, self.desc, self.initial, self.unit, self.shown = total, desc, initial, unit, tuple(shown)
-        self.live = sys.stderr.isatty()
+        self.live = sys.stderr.isatty() and distributed.is_main()
         self.quiet = self.live and sys.stdout.isatty()  # metric lines would land on the bar's screen
         self.bar = tqdm(
             total=total,
@@ -193,8 +200,10 @@ def stop_requests():
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:
-    """``<run>/summary.json``, written atomically."""
+    """``<run>/summary.json``, written atomically (by rank 0)."""
     path = Path(run_dir) / "summary.json"
+    if not distributed.is_main():
+        return path
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=float))
     tmp.replace(path)
@@ -205,11 +214,19 @@ def save_model(model, tokenizer, path: Path, dtype: torch.dtype = torch.float32)
     """save_pretrained (safetensors) of a model and its tokenizer, written atomically, the weights in ``dtype``.
 
     Weights in another dtype are cast on the way out (one CPU copy in ``dtype``; the model keeps its own), and
-    config.json records ``dtype``: a bf16 run trained on float32 master weights is saved in bf16.
+    config.json records ``dtype``: a bf16 run trained on float32 master weights is saved in bf16. Rank 0 writes;
+    the others wait for it.
     """
+    path = Path(path)
+    if distributed.is_main():
+        _save_model(model, tokenizer, path, dtype)
+    distributed.barrier()
+    return path
+
+
+def _save_model(model, tokenizer, path: Path, dtype: torch.dtype) -> None:
     import shutil
 
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     exported = export_policy(model)
@@ -222,7 +239,6 @@ def save_model(model, tokenizer, path: Path, dtype: torch.dtype = torch.float32)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
-    return path
 
 
 def saved_pad_id(model, tokenizer) -> int:
@@ -254,17 +270,21 @@ class StepCheckpoints:
     def resume(self, path: Path) -> dict:
         """Restore the checkpoint at ``path``; returns its state (``state["step"]``: optimizer steps done)."""
         state = load_training_state(path, self.model, self.optimizer)
-        truncate_metrics(self.run_dir / "metrics.jsonl", state["step"] - 1)  # rows are logged at 0-based steps
+        if distributed.is_main():
+            truncate_metrics(self.run_dir / "metrics.jsonl", state["step"] - 1)  # rows are logged at 0-based steps
         return state
 
     def after_step(self, step: int, total: int, stop: list[int], state: dict) -> None:
         """``step`` optimizer steps of ``total`` are done: write a checkpoint with ``state`` if one is due or a
-        signal asked to stop (then raise :class:`Interrupted`)."""
+        signal asked to stop (then raise :class:`Interrupted`); a signal to any rank stops every rank."""
+        stop = distributed.agree_stop(stop)
         due = self.save_every and step % self.save_every == 0 and step < total
-        if due or stop:
+        if (due or stop) and distributed.is_main():
             meta = {"command": self.command, "step": step, **state, "config": to_dict(self.config)}
             save_checkpoint(step_dir(self.root, step), self.model, self.optimizer, meta)
             prune_checkpoints(self.root, keep=1)
+        if due or stop:
+            distributed.barrier()
         if stop:
             raise Interrupted(stop[0], f"{self.command} step {step}", self.command, self.run_dir)
 

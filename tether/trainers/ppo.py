@@ -10,6 +10,10 @@
 7. checkpoint  every save_every iterations and on SIGINT/SIGTERM; exact resume            (tether.checkpoint)
 
 Steps 6 and 7 act through the trainer's safety rails (tether.trainers.rails).
+
+Under torchrun (docs/scaling.md) each process samples its block of the rollout batch, and the blocks are gathered, so
+steps 2, 3, 5 and 6 run on the whole rollout on every process: every statistic is global and every decision the
+same. In step 4 every process draws the same minibatches and trains on its block of each, under DDP.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
+from tether import distributed
 from tether.alarms import AlarmState, filler_rate, parse_phrases
 from tether.algo import (
     compute_gae,
@@ -39,7 +44,7 @@ from tether.config import RunConfig
 from tether.data import prompt_batch
 from tether.envs import make_envs
 from tether.envs.episodes import collect_episodes, episode_stats
-from tether.errors import Interrupted
+from tether.errors import Interrupted, TetherError
 from tether.guards import GuardState, collapse_stats, sanitize_scores
 from tether.models import (
     ActorCritic,
@@ -74,6 +79,28 @@ def perf_stats(rollout: Rollout, stats: dict) -> dict[str, float]:
     return out
 
 
+def gather_rollout(rollout: Rollout, pad_id: int) -> Rollout:
+    """The whole rollout batch from every process's block of rows, in row order (responses padded to the longest
+    with ``pad_id``, the other per-token fields with 0, as one process pads them); the block itself on one process."""
+    if distributed.world_size() == 1:
+        return rollout
+    tensors = {f.name: getattr(rollout, f.name) for f in fields(rollout)}
+    fill = {"response_ids": pad_id}
+    return replace(
+        rollout,
+        **{k: distributed.gather_rows(v, fill.get(k, 0)) for k, v in tensors.items() if isinstance(v, torch.Tensor)},
+    )
+
+
+def check_data_parallel(config: RunConfig) -> None:
+    """Under torchrun: the batch sizes split evenly over the processes, and no environment (its episodes run on one
+    process)."""
+    distributed.check_divisible("ppo.rollout_batch_size", config.ppo.rollout_batch_size)
+    distributed.check_divisible("ppo.mini_batch_size", config.ppo.mini_batch_size)
+    if config.ppo.env and distributed.world_size() > 1:
+        raise TetherError("ppo.env: multi-turn episodes run on one process; launch tether ppo without torchrun")
+
+
 class PPOTrainer(SafetyRails):
     """Holds the models, optimizer and KL controller, and runs PPO iterations.
 
@@ -104,6 +131,8 @@ class PPOTrainer(SafetyRails):
         self.placement = placement or Placement.from_config(config.model)
         self.device = self.placement.device
         self.actor_critic = self.placement.trained(actor_critic, self.cfg.lr).train()
+        check_data_parallel(config)
+        self.model = distributed.data_parallel(self.actor_critic, config.distributed.strategy)  # runs the update
         self.reference = self.placement.frozen(reference)
         self.tokenizer, self.scorer, self.gold = tokenizer, scorer, gold
         self.phrases = parse_phrases(self.cfg.filler_phrases)
@@ -148,22 +177,24 @@ class PPOTrainer(SafetyRails):
                 stops=self.stops,
                 device=self.device,
             )
-        prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, max_prompt_length)
-        return collect_rollout(
+        prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, max_prompt_length)  # the same padding on all
+        rows = distributed.shard(len(prompts))  # this process's block of the batch
+        rollout = collect_rollout(
             self.actor_critic,
             self.reference,
             self.scorer,
             self.tokenizer,
-            self.placement.move(prompt_ids),
-            self.placement.move(prompt_mask),
+            self.placement.move(prompt_ids[rows]),
+            self.placement.move(prompt_mask[rows]),
             self.sampling,
             chunk=self.micro_batch_size,
             autocast=self.placement.autocast,
-            prompts=prompts,
+            prompts=prompts[rows],
             stops=self.stops,
-            keys=row_keys(self.config.seed, self.iteration, range(len(prompts))),
+            keys=row_keys(self.config.seed, self.iteration, range(len(prompts))[rows]),
             clock=clock,
         )
+        return gather_rollout(rollout, self.tokenizer.pad_token_id)
 
     # ---- step 2 -----------------------------------------------------------------------------------------------
     def compute_rewards(self, rollout: Rollout) -> Rollout:
@@ -221,16 +252,24 @@ class PPOTrainer(SafetyRails):
 
     def minibatch_step(self, mb: Rollout, prompt_length: int) -> tuple[dict | None, float | None]:
         """The micro-batches' forwards and backwards, gradient clipping and one optimizer step: ``({metric: (sum,
-        weight)}, lr)``, or ``(None, lr)`` when the loss or gradient is not finite and nothing was applied."""
+        weight)}, lr)``, or ``(None, lr)`` when the loss or gradient is not finite and nothing was applied.
+
+        On several processes each takes its block of the minibatch; the losses are normalised by the whole
+        minibatch's token count and the statistics summed over the processes."""
         num_tokens = mb.response_mask.sum().clamp(min=1).float()
+        rows = range(len(mb))[distributed.shard(len(mb))]
         self.optimizer.zero_grad(set_to_none=True)
         sums, weights = defaultdict(float), defaultdict(float)
-        for start in range(0, len(mb), self.micro_batch_size):
-            micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, len(mb)), device=self.device))
+        for start in range(rows.start, rows.stop, self.micro_batch_size):
+            micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, rows.stop), device=self.device))
             n = micro.response_mask.sum().item()
-            for k, v in self.micro_step(micro, prompt_length, num_tokens).items():
+            last = start + self.micro_batch_size >= rows.stop
+            with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
+                micro_stats = self.micro_step(micro, prompt_length, num_tokens)
+            for k, v in micro_stats.items():
                 sums[k] += v * n
                 weights[k] += n
+        sums, weights = self.global_sums(sums, weights)
         grad_norm = self.clip_gradients()
         lr = self.scheduled_lr()
         self.update_index += 1
@@ -245,6 +284,14 @@ class PPOTrainer(SafetyRails):
         self.optimizer.step()
         return {k: (sums[k], weights[k]) for k in sums}, lr
 
+    @staticmethod
+    def global_sums(sums: dict, weights: dict) -> tuple[dict, dict]:
+        """The micro-batch statistics' (sums, weights) over every process (one all-reduce)."""
+        if distributed.world_size() == 1:
+            return sums, weights
+        both = distributed.sum_floats({**{f"s{k}": v for k, v in sums.items()}, **{f"w{k}": weights[k] for k in sums}})
+        return {k: both[f"s{k}"] for k in sums}, {k: both[f"w{k}"] for k in sums}
+
     def scheduled_lr(self) -> float | None:
         """The learning rate of the coming optimizer step (``ppo.lr_schedule``); None leaves the optimizer's own."""
         return self.cfg.lr * self.lr_scale * lr_factor(self.cfg.lr_schedule, self.update_index, self.total_updates)
@@ -256,7 +303,7 @@ class PPOTrainer(SafetyRails):
     def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor) -> dict[str, float]:
         """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count."""
         with self.placement.autocast():  # the forward (and so its backward) in bf16; logits and values in float32
-            logits, new_values = self.actor_critic(
+            logits, new_values = self.model(
                 micro.sequence_ids,
                 micro.attention_mask,
                 prompt_length,
@@ -273,7 +320,7 @@ class PPOTrainer(SafetyRails):
         )
         pg_loss, vf_loss = self.weigh_losses(pg_loss, vf_loss, new_logprobs, micro)
         loss = pg_loss + self.cfg.vf_coef * vf_loss
-        loss.backward()
+        (loss * distributed.world_size()).backward()  # DDP averages the gradients over the processes
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits), mask)
             extra = self.micro_extras(new_logprobs, new_values, micro)
@@ -367,13 +414,14 @@ class PPOTrainer(SafetyRails):
                 logger.log(stats, self.iteration)
                 bar.update(1)
                 # 7. checkpoint: every save_every iterations, and when asked to stop (a signal may arrive mid-save)
-                if self.cfg.save_every and self.iteration % self.cfg.save_every == 0 and not stop:
+                stopping = distributed.agree_stop(stop)  # a signal to any process stops them all here
+                if self.cfg.save_every and self.iteration % self.cfg.save_every == 0 and not stopping:
                     self.save(checkpoints)
-                if stop:
-                    self.events.append({"iteration": self.iteration, "kind": "interrupted", "signal": stop[0]})
+                if stopping:
+                    self.events.append({"iteration": self.iteration, "kind": "interrupted", "signal": stopping[0]})
                     self.save(checkpoints)
                     write_summary(run_dir, self.summary(stats))
-                    raise Interrupted(stop[0], f"iteration {self.iteration}", "ppo", run_dir)
+                    raise Interrupted(stopping[0], f"iteration {self.iteration}", "ppo", run_dir)
         if not stats:  # resumed after the last iteration: its metrics are the file's last row
             stats = {k: v for k, v in (read_metrics(logger.path) or [{}])[-1].items() if k != "step"}
         write_summary(run_dir, self.summary(stats))

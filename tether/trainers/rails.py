@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tether import distributed
 from tether.alarms import AlarmState, Thresholds, observe
 from tether.checkpoint import (
     checkpoint_step,
@@ -100,7 +101,8 @@ class SafetyRails:
             self.events.append({"iteration": self.iteration, "kind": "reward_changed", "from": saved, "to": now})
 
     def save(self, root: Path) -> Path:
-        """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit."""
+        """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit. Rank 0
+        writes it (every process holds the same state); the others wait until it is complete."""
         state = {
             "command": "ppo",
             "iteration": self.iteration,
@@ -116,17 +118,20 @@ class SafetyRails:
             "events": self.events,
             "config": to_dict(self.config),
         }
-        path = save_checkpoint(
-            step_dir(root, self.iteration),
-            self.actor_critic,
-            self.optimizer,
-            state,
-            self.generator,
-            policy=self.actor_critic.policy,
-            tokenizer=self.tokenizer,
-        )
+        path = step_dir(root, self.iteration)
+        if distributed.is_main():
+            save_checkpoint(
+                path,
+                self.actor_critic,
+                self.optimizer,
+                state,
+                self.generator,
+                policy=self.actor_critic.policy,
+                tokenizer=self.tokenizer,
+            )
+            prune_checkpoints(root, self.config.ppo.keep_checkpoints, protect=self.guards.last_stable)
+        distributed.barrier()
         self.saved_at = self.iteration
-        prune_checkpoints(root, self.config.ppo.keep_checkpoints, protect=self.guards.last_stable)
         return path
 
     def restore(self, path: Path, full: bool = True) -> dict:

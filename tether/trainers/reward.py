@@ -3,7 +3,8 @@
 ``loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))``; the reward is read at the last real token of
 prompt + response + EOS. A held-out split reports pairwise accuracy and margin (ppo_details #1-#4), and the Pearson
 correlation of the score with response length: a length-biased reward model shows here before PPO exploits it.
-``reward.max_length_gap`` trains on length-balanced pairs only (the tutorial's length remedy 3).
+``reward.max_length_gap`` trains on length-balanced pairs only (the tutorial's length remedy 3). Under torchrun each
+process scores its block of every batch of pairs; the loss and metrics are the whole batch's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tether import distributed
 from tether.algo import pairwise_reward_loss, pearson_correlation
 from tether.config import RunConfig
 from tether.data import preference_batch, preference_pairs, read_records
@@ -110,6 +112,8 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print, resume_from: Path
     enable_gradient_checkpointing(config.model.gradient_checkpointing, model)
     model = placement.trained(model, cfg.lr)
     model.config.pad_token_id = saved_pad_id(model, tokenizer)
+    distributed.check_divisible("reward.batch_size", cfg.batch_size)
+    scorer = distributed.data_parallel(model, config.distributed.strategy, sequence_scores)  # forward and backward
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     checkpoints = StepCheckpoints("reward", run_dir, config, model, optimizer, cfg.save_every)
     order, held = PairOrder(len(train), cfg.batch_size, cfg.epochs, config.seed), None
@@ -119,7 +123,7 @@ def train_reward(config: RunConfig, run_dir: Path, echo=print, resume_from: Path
     with stop_requests() as stop, logger, bar:
         for step in range(first, total):
             batch = [train[i] for i in order.batch(step)]
-            stats = reward_step(model, optimizer, tokenizer, batch, cfg, placement, step, total)
+            stats = reward_step(scorer, optimizer, tokenizer, batch, cfg, placement, step, total)
             bar.update(1)
             if step % 10 == 0:
                 logger.log(stats | {"time/elapsed": time.time() - start}, step)
@@ -151,16 +155,29 @@ def balance_pairs(tokenizer, train: list[dict], max_gap: int | None, echo=print)
     return train, {"rm/pairs_kept": len(train), "rm/pairs_total": total}
 
 
-def reward_step(model, optimizer, tokenizer, batch, cfg, placement: Placement, step: int, total: int) -> dict:
-    """One optimizer step of the pairwise loss (plus the centring term); returns its ``rm/*`` metrics."""
-    model.train()
+def reward_step(scorer, optimizer, tokenizer, batch, cfg, placement: Placement, step: int, total: int) -> dict:
+    """One optimizer step of the pairwise loss (plus the centring term); returns its ``rm/*`` metrics.
+
+    ``scorer(ids, mask, fill_id)`` gives a reward model's (B,) scores (:func:`tether.models.sequence_scores`, under
+    DDP on several processes); each process scores its block of the pairs, weighted by its share of the batch.
+    """
+    scorer.train()
     set_lr(optimizer, cfg.lr * lr_factor("linear", step, total))
-    chosen, rejected = pair_scores(model, tokenizer, batch, cfg.max_length, placement)
+    pairs = preference_batch(tokenizer, batch, cfg.max_length)  # the whole batch: the same padding on every rank
+    mine = torch.arange(pairs.num_pairs)[distributed.shard(pairs.num_pairs)]
+    rows = torch.cat([mine, mine + pairs.num_pairs])  # this rank's chosen rows, then its rejected rows
+    ids, mask = placement.move(pairs.input_ids[rows]), placement.move(pairs.attention_mask[rows])
+    with placement.autocast():
+        scores = scorer(ids, mask, tokenizer.eos_token_id)
+    chosen, rejected = scores[: len(mine)], scores[len(mine) :]
     loss, stats = pairwise_reward_loss(chosen, rejected)
     if cfg.center_coef:
         loss = loss + cfg.center_coef * ((chosen + rejected) ** 2).mean()
+    share = len(mine) / pairs.num_pairs
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    (loss * (share * distributed.world_size())).backward()  # DDP averages over the processes
+    params = [p for p in scorer.parameters() if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
-    return {"rm/loss": loss.item(), "rm/accuracy": stats["accuracy"].item(), "rm/margin": stats["margin"].item()}
+    local = {"rm/loss": loss.item(), "rm/accuracy": stats["accuracy"].item(), "rm/margin": stats["margin"].item()}
+    return distributed.sum_floats({k: v * share for k, v in local.items()})

@@ -1,0 +1,206 @@
+"""Data parallelism under torchrun: two processes train exactly what one process trains on the same global batch.
+
+The slow tests launch ``torchrun --standalone --nproc_per_node 2 -m tether ...`` (gloo, one thread per process) and
+compare with a one-process run in this process: every per-step metric but timings (relative gap < 1e-3) and the final
+weights (max abs gap < 1e-4); a checkpoint of either resumes in the other.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tether import distributed
+from tether.cli import run
+from tether.config import build_config
+from tether.data import write_jsonl
+from tether.errors import TetherError
+from tether.trainers.ppo import check_data_parallel
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+RTOL, ATOL, WEIGHTS_ATOL = 1e-3, 1e-6, 1e-4
+
+
+def torchrun(*args: str) -> None:
+    """``tether ARGS`` on two processes (gloo on the CPU); fails the test with the tail of stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tether"]
+    result = subprocess.run([*cmd, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
+
+
+def gaps(run_dir: Path, reference: Path, weights: str) -> tuple[float, float]:
+    """(largest relative gap of any metric at any step, largest abs gap of any weight in ``weights``); the steps and
+    keys must be the same (one row per step: only rank 0 writes)."""
+    rows, ref_rows = metrics(run_dir), metrics(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    metric_gap = 0.0
+    for row, ref in zip(rows, ref_rows):
+        assert row.keys() == ref.keys()
+        for k, v in row.items():
+            if isinstance(v, float) or isinstance(ref[k], float):
+                metric_gap = max(metric_gap, abs(v - ref[k]) / (max(abs(v), abs(ref[k])) + ATOL / RTOL))
+            else:
+                assert v == ref[k], k
+    w, ref_w = load_file(run_dir / weights), load_file(reference / weights)
+    assert w.keys() == ref_w.keys()
+    return metric_gap, max((w[k] - ref_w[k]).abs().max().item() for k in w)
+
+
+def assert_same_training(run_dir: Path, reference: Path, weights: str = "model/model.safetensors") -> None:
+    metric_gap, weight_gap = gaps(run_dir, reference, weights)
+    print(f"{run_dir.name} vs {reference.name}: metric gap {metric_gap:.2e}, weight gap {weight_gap:.2e}")
+    assert metric_gap < RTOL
+    assert weight_gap < WEIGHTS_ATOL
+
+
+# ---- one process: the helpers are no-ops, bad input is a one-line error --------------------------------------------
+
+
+def test_one_process_helpers_are_no_ops():
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    t = torch.arange(6).reshape(2, 3)
+    assert distributed.gather_rows(t) is t
+    assert distributed.shard(8) == slice(0, 8)
+    assert distributed.sum_floats({"a": 1.5}) == {"a": 1.5}
+    assert distributed.agree_stop([15]) == [15] and distributed.agree_stop([]) == []
+    module = torch.nn.Linear(2, 2)
+    assert distributed.data_parallel(module) is module
+
+
+def test_shard_gives_each_rank_a_block(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    blocks = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        blocks.append(list(range(5))[distributed.shard(5)])
+    assert blocks == [[0, 1], [2, 3, 4]]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ppo.rollout_batch_size=9", "ppo.mini_batch_size=3"], "ppo.rollout_batch_size=9 must be divisible"),
+        (["ppo.rollout_batch_size=6", "ppo.mini_batch_size=3"], "ppo.mini_batch_size=3 must be divisible"),
+        (["ppo.env=tether.envs.games:HighLow"], "ppo.env: multi-turn episodes run on one process"),
+    ],
+)
+def test_batches_must_split_over_the_processes(monkeypatch, overrides, message):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(TetherError, match=message) as e:
+        check_data_parallel(build_config(None, overrides))
+    assert "\n" not in str(e.value)
+
+
+def test_one_process_commands_refuse_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TetherError, match="tether dpo runs on one process"):
+        run(["dpo", "dpo.data=pairs.jsonl"])
+
+
+# ---- two processes against one ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory, tiny_ppo_args):
+    """(root, args(run_dir, steps), the one-process 4-iteration run). Global statistics are exercised: running score
+    normalisation, reward whitening, adaptive KL; micro-batches of 1 row are the same rows on 1 and 2 processes (the
+    micro-batch extremes ppo/ratio_max and ratio_min depend on them) and make DDP accumulate without syncing."""
+    root = tmp_path_factory.mktemp("dp")
+    prompts = root / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": f"{a}+{b}="} for a in range(5) for b in range(3)])
+
+    def args(run_dir: Path, steps: int) -> list[str]:
+        return [
+            "ppo",
+            *tiny_ppo_args,
+            f"ppo.prompts={prompts}",
+            f"ppo.steps={steps}",
+            "ppo.micro_batch_size=1",
+            "ppo.lr_schedule=constant",  # a run of 2 iterations resumed to 4 takes the same steps as one of 4
+            "ppo.score_norm=norm",
+            "ppo.whiten_rewards=true",
+            "ppo.kl_control=adaptive",
+            "ppo.kl_target=0.1",
+            "ppo.kl_horizon=100",
+            "model.device=cpu",
+            f"output_dir={run_dir}",
+        ]
+
+    one = root / "one"
+    assert run(args(one, 4)) == 0
+    return root, args, one
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_matches_one(ppo_runs):
+    root, args, one = ppo_runs
+    two = root / "two"
+    torchrun(*args(two, 4))
+    assert_same_training(two, one)
+    assert_same_training(two, one, "checkpoints/step_000004/trainable.safetensors")  # policy and value head
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["iterations"] == 4 and not summary["stopped_early"]
+
+
+@pytest.mark.slow
+def test_ppo_checkpoint_of_two_processes_resumes_on_one(ppo_runs):
+    root, args, one = ppo_runs
+    run_dir = root / "two_then_one"
+    torchrun(*args(run_dir, 2))
+    assert run(["ppo", "--resume", str(run_dir), "ppo.steps=4"]) == 0
+    assert_same_training(run_dir, one)
+
+
+@pytest.mark.slow
+def test_ppo_checkpoint_of_one_process_resumes_on_two(ppo_runs):
+    root, args, one = ppo_runs
+    run_dir = root / "one_then_two"
+    assert run(args(run_dir, 2)) == 0
+    torchrun("ppo", "--resume", str(run_dir), "ppo.steps=4")
+    assert_same_training(run_dir, one)
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp_data")
+    write_jsonl(
+        root / "sft.jsonl", [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(6) for b in range(6)]
+    )
+    pairs = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"{a * b + 1}!"} for a in range(6) for b in range(6)
+    ]
+    write_jsonl(root / "pairs.jsonl", pairs)
+    return root
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_matches_one(pair_data, policy_dir):
+    args = ["sft", f"sft.data={pair_data / 'sft.jsonl'}", f"model.policy={policy_dir}", "sft.steps=11"]
+    args += ["sft.batch_size=8", "sft.warmup_steps=2", "logging.print_every=0", "model.device=cpu"]
+    assert run([*args, f"output_dir={pair_data / 'sft_one'}"]) == 0
+    torchrun(*args, f"output_dir={pair_data / 'sft_two'}")
+    assert_same_training(pair_data / "sft_two", pair_data / "sft_one")
+
+
+@pytest.mark.slow
+def test_reward_on_two_processes_matches_one(pair_data, policy_dir):
+    args = ["reward", f"reward.data={pair_data / 'pairs.jsonl'}", f"reward.init={policy_dir}", "reward.epochs=3"]
+    args += ["reward.batch_size=8", "reward.center_coef=0.01", "logging.print_every=0", "model.device=cpu"]
+    assert run([*args, f"output_dir={pair_data / 'rm_one'}"]) == 0
+    torchrun(*args, f"output_dir={pair_data / 'rm_two'}")
+    assert_same_training(pair_data / "rm_two", pair_data / "rm_one")
+
+
+def test_fsdp_is_a_clear_error_until_its_checkpoints_exist():
+    with pytest.raises(TetherError, match="distributed.strategy=fsdp is not implemented yet"):
+        distributed.data_parallel(torch.nn.Linear(2, 2), "fsdp")
