@@ -1,16 +1,19 @@
 """The sampler: a lean KV-cached decoding loop, with randomness that belongs to each row, not to the batch.
 
-Hugging Face ``generate`` spends most of a small model's decoding step in Python (logits processors, stopping
-criteria, input preparation); this loop does only what tether's sampling needs: one forward of the new token
-through the trunk with the cache, the LM head on the last position only, temperature, top-k, top-p and
-min-new-tokens on float32 logits, and stop tokens handled in the loop (finished rows are filled with the first stop
-id; :func:`tether.rollout.mask_after_eos` turns them into padding).
+Hugging Face ``generate`` runs logits processors, stopping criteria and input preparation around every decoding
+step; this loop does only what tether's sampling needs: one forward of the new token through the trunk with the
+cache, the LM head on the last position only, temperature, top-k, top-p and min-new-tokens on float32 logits, and
+stop tokens handled in the loop (finished rows are filled with the first stop id;
+:func:`tether.rollout.mask_after_eos` turns them into padding). On a 135M model on a CPU a step is bound by reading
+the weights, and the two are level (BENCHMARKS.md); what the loop adds is what it records (:class:`Sampled`), which
+saves the policy's forward pass over the rollout.
 
 Each row draws its tokens by the Gumbel-max trick from noise that is a hash of ``(row key, step, token id)``:
 ``argmax(logits / temperature + g)`` with ``g = -log(-log(u))`` samples exactly from the softmax. A row's key comes
 from ``(seed, iteration, row index in the rollout batch)`` (:func:`row_keys`), so a row samples the same tokens
-whatever else is in its batch: on one process or split over several, in any chunking, on any device. The hash is
-integer arithmetic (splitmix64), identical on every device.
+whatever else is in its batch: on one process or split over several, in any chunking (up to float rounding of the
+logits, which may flip a near tie). The hash is integer arithmetic (splitmix64), so the noise itself is identical on
+every device.
 """
 
 from __future__ import annotations
