@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import transformers
-from transformers import GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from tether.demo.task import ALPHABET
 from tether.models import char_tokenizer, new_scalar_model, tiny_config
@@ -71,3 +71,11 @@ def tiny_ppo_args(policy_dir, reward_dir):
         "sampling.max_new_tokens=8",
         "logging.print_every=0",
     ]
+
+
+@pytest.fixture()
+def user_tokenizer(policy_dir):
+    """The tutorial's tokenizer, as its scripts make it: pad_token set to eos_token."""
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    tok.pad_token = tok.eos_token
+    return tok

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import tether
 from tether.errors import GuardStop, TetherError
@@ -54,23 +53,6 @@ ARRAY_KEYS = [
     "tokens/responses_dist",
     "ppo/policy/advantages",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture()
-def user_tokenizer(policy_dir):
-    """The tutorial's tokenizer: pad_token set to eos_token."""
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    tok.pad_token = tok.eos_token
-    return tok
 
 
 def make_trainer(policy_dir, tokenizer, device="cpu", head=None, **overrides):

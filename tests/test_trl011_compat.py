@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2ForSequenceClassification, HfArgumentParser
+from transformers import GPT2ForSequenceClassification, HfArgumentParser
 
 from tether.algo import AdaptiveKLController
 from tether.errors import TetherError
@@ -20,21 +20,6 @@ from tether.legacy import (
     create_reference_model,
     set_seed,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture()
-def user_tokenizer(policy_dir):
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    tok.pad_token = tok.eos_token
-    return tok
 
 
 def small_config(**overrides) -> PPOConfig:

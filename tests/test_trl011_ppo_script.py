@@ -231,14 +231,6 @@ def script_argv(policy_dir: str, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_trl_ppo_script_runs_unchanged(policy_dir):
     before = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir).pretrained_model.state_dict()
     out = run_ppo_script(script_argv(policy_dir))
