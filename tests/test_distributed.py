@@ -26,9 +26,14 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_H
 RTOL, ATOL, WEIGHTS_ATOL = 1e-3, 1e-6, 1e-4
 
 
-def torchrun(*args: str) -> None:
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+ACCELERATE += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # its questions answered
+
+
+def torchrun(*args: str, launcher: list[str] = TORCHRUN) -> None:
     """``tether ARGS`` on two processes (gloo on the CPU); fails the test with the tail of stderr."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tether"]
+    cmd = [*launcher, "-m", "tether"]
     result = subprocess.run([*cmd, *args], env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -153,6 +158,15 @@ def test_ppo_on_two_processes_matches_one(ppo_runs):
 
 
 @pytest.mark.slow
+def test_ppo_under_accelerate_launch_matches_one(ppo_runs):
+    """``accelerate launch --multi_gpu`` starts the processes as torchrun does (on the CPU too): the same run."""
+    pytest.importorskip("accelerate")
+    root, args, one = ppo_runs
+    torchrun(*args(root / "accelerate", 4), launcher=ACCELERATE)
+    assert_same_training(root / "accelerate", one)
+
+
+@pytest.mark.slow
 def test_ppo_checkpoint_of_two_processes_resumes_on_one(ppo_runs):
     root, args, one = ppo_runs
     run_dir = root / "two_then_one"
@@ -201,6 +215,90 @@ def test_reward_on_two_processes_matches_one(pair_data, policy_dir):
     assert_same_training(pair_data / "rm_two", pair_data / "rm_one")
 
 
-def test_fsdp_is_a_clear_error_until_its_checkpoints_exist():
-    with pytest.raises(TetherError, match="distributed.strategy=fsdp is not implemented yet"):
-        distributed.data_parallel(torch.nn.Linear(2, 2), "fsdp")
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_batches_smaller_than_the_world_train_as_on_one_process(tmp_path, policy_dir, strategy):
+    """Each epoch's last reward batch holds 1 pair and the SFT batch 1 example, so on 2 processes one gets none: it
+    scores one row weighted 0 (no NaN, no hang in a collective), and the runs are the one-process runs."""
+    pairs = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": f"{a * b}?"} for a in range(5) for b in range(7)
+    ]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)  # 35 pairs: 31 train (5 batches of 6, then 1), 4 held out
+    write_jsonl(tmp_path / "one.jsonl", [{"prompt": "2+3=", "response": "5"}])
+    common = ["logging.print_every=0", "model.device=cpu", f"distributed.strategy={strategy}"]
+    runs = {
+        "reward": ["reward", f"reward.data={tmp_path / 'pairs.jsonl'}", f"reward.init={policy_dir}"]
+        + ["reward.epochs=2", "reward.batch_size=6"],
+        "sft": ["sft", f"sft.data={tmp_path / 'one.jsonl'}", f"model.policy={policy_dir}", "sft.steps=3"]
+        + ["sft.batch_size=2", "sft.warmup_steps=0"],
+    }
+    for command, args in runs.items():
+        assert run([*args, *common, f"output_dir={tmp_path / command}_one"]) == 0
+        torchrun(*args, *common, f"output_dir={tmp_path / command}_two")
+        assert_same_training(tmp_path / f"{command}_two", tmp_path / f"{command}_one")
+
+
+# ---- FSDP: the trained model split over the processes, the same training ----------------------------------------
+
+
+@pytest.mark.slow
+def test_ppo_fsdp_on_two_processes_matches_one_and_resumes_across(ppo_runs):
+    """fully_shard on gloo: the split policy and value head train what one process trains (also recomputing the
+    blocks' activations in backward), its checkpoints (gathered for rank 0) resume on one process, and a one-process
+    checkpoint resumes split."""
+    root, args, one = ppo_runs
+    fsdp = root / "fsdp"
+    torchrun(*args(fsdp, 4), "distributed.strategy=fsdp", "model.gradient_checkpointing=true")
+    assert_same_training(fsdp, one)
+    assert_same_training(fsdp, one, "checkpoints/step_000004/trainable.safetensors")
+    run_dir = root / "fsdp_then_one"
+    torchrun(*args(run_dir, 2), "distributed.strategy=fsdp")
+    assert run(["ppo", "--resume", str(run_dir), "ppo.steps=4"]) == 0
+    assert_same_training(run_dir, one)
+    run_dir = root / "one_then_fsdp"
+    assert run(args(run_dir, 2)) == 0
+    torchrun("ppo", "--resume", str(run_dir), "ppo.steps=4", "distributed.strategy=fsdp")
+    assert_same_training(run_dir, one)
+
+
+@pytest.mark.slow
+def test_ppo_fsdp_with_a_separate_critic_matches_one_process(ppo_runs):
+    """The critic is split too (its own blocks), trained and checkpointed alongside the policy."""
+    root, args, _ = ppo_runs
+    critic = ["model.value_model=separate", "ppo.kl_control=fixed"]
+    assert run([*args(root / "critic_one", 2), *critic]) == 0
+    torchrun(*args(root / "critic_fsdp", 2), *critic, "distributed.strategy=fsdp")
+    assert_same_training(root / "critic_fsdp", root / "critic_one", "checkpoints/step_000002/trainable.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sft", "reward"])
+def test_sft_and_reward_fsdp_on_two_processes_match_one_and_resume_on_one(pair_data, policy_dir, command):
+    """Split over two processes, SFT and the reward model train what one process trains; the last checkpoint of the
+    split run (gathered for rank 0) resumed on one process gives the same run again."""
+    args = {
+        "sft": ["sft", f"sft.data={pair_data / 'sft.jsonl'}", f"model.policy={policy_dir}", "sft.steps=11"]
+        + ["sft.batch_size=8", "sft.warmup_steps=2", "sft.save_every=4"],
+        "reward": ["reward", f"reward.data={pair_data / 'pairs.jsonl'}", f"reward.init={policy_dir}"]
+        + ["reward.epochs=3", "reward.batch_size=8", "reward.center_coef=0.01", "reward.save_every=4"],
+    }[command] + ["logging.print_every=0", "model.device=cpu"]
+    one, fsdp = pair_data / f"{command}_one_ref", pair_data / f"{command}_fsdp"
+    assert run([*args, f"output_dir={one}"]) == 0
+    torchrun(*args, f"output_dir={fsdp}", "distributed.strategy=fsdp")
+    assert_same_training(fsdp, one)
+    assert run([command, "--resume", str(fsdp)]) == 0  # from the split run's last checkpoint, on one process
+    assert_same_training(fsdp, one)
+
+
+@pytest.mark.slow
+def test_ppo_fsdp_with_lora_matches_one_process(ppo_runs):
+    """A LoRA policy split: the frozen base and the adapter are split alike, the reference (the base with the adapter
+    off) reads the gathered weights during the rollout, and the saved model is the adapter merged into the gathered
+    base (tether.models.merged_lora_state) as one process merges it into a copy."""
+    root, args, _ = ppo_runs
+    lora = ["model.lora_r=4", "ppo.lr=1e-2"]
+    assert run([*args(root / "lora_one", 2), *lora]) == 0
+    torchrun(*args(root / "lora_fsdp", 2), *lora, "distributed.strategy=fsdp")
+    assert_same_training(root / "lora_fsdp", root / "lora_one")  # the merged model
+    assert_same_training(root / "lora_fsdp", root / "lora_one", "checkpoints/step_000002/trainable.safetensors")
+    assert_same_training(root / "lora_fsdp", root / "lora_one", "checkpoints/step_000002/policy/model.safetensors")

@@ -18,6 +18,7 @@ from tether.models import (  # noqa: E402
     add_lora,
     char_tokenizer,
     export_policy,
+    merged_lora_state,
     is_peft_model,
     load_causal_lm,
     new_scalar_model,
@@ -139,7 +140,7 @@ def test_lora_shares_weights_and_reference_stays_base(llama_dirs, tmp_path):
 
     # the final model/ folder: adapter merged into a copy, loadable by plain AutoModelForCausalLM
     after = logits_of(policy, tok)
-    path = save_model(export_policy(policy), tok, tmp_path / "model")
+    path = save_model(policy, tok, tmp_path / "model")
     assert (path / "model.safetensors").is_file() and not (path / "adapter_config.json").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     torch.testing.assert_close(logits_of(reloaded, tok), after, atol=1e-5, rtol=0)
@@ -182,9 +183,14 @@ def test_lora_on_each_family(family):
     )
     assert response.shape[0] == 2 and response.shape[1] <= 5 and response_mask.shape == response.shape
 
-    merged = export_policy(policy)
-    assert not is_peft_model(merged) and is_peft_model(policy)
+    merged, state = export_policy(policy)
+    assert not is_peft_model(merged) and is_peft_model(policy) and state is None
     torch.testing.assert_close(logits_of(merged, tok), logits_of(policy, tok), atol=1e-5, rtol=0)
+    # what FSDP's export computes from the gathered state dict: peft's merge, key for key, without the copy
+    computed, expected = merged_lora_state(policy, policy.state_dict()), merged.state_dict()
+    assert computed.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(computed[key], tensor, atol=1e-6, rtol=0, msg=key)
 
 
 def test_lora_errors(monkeypatch):

@@ -20,7 +20,6 @@ from tether.config import RunConfig
 from tether.data import left_pad
 from tether.models import (
     ActorCritic,
-    export_policy,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -182,7 +181,7 @@ def test_ppo_from_config(family, value_model, tmp_path):
     assert not changed(trainer.reference, before["ref"]), f"{name}: reference moved"
     assert not changed(trainer.scorer.model, before["rm"]), f"{name}: reward model moved"
 
-    path = save_model(export_policy(ac.policy), trainer.tokenizer, tmp_path / "model")
+    path = save_model(ac.policy, trainer.tokenizer, tmp_path / "model")
     assert (path / "model.safetensors").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     assert type(reloaded) is type(ac.policy)

@@ -9,6 +9,9 @@ Layout of ``<run>/checkpoints/step_000100/``:
 - ``trainer_state.json``: iteration, optimizer step, KL controller, score normaliser, data position, python RNG,
   the resolved config. Written last; a folder is a checkpoint only once renamed from ``*.tmp`` to ``step_*``.
 The reference and reward models are never saved again: the run config points at their folders.
+
+Under torchrun every process calls :func:`save_checkpoint` and :func:`load_training_state`: rank 0 writes, and with
+``distributed.strategy=fsdp`` the split weights and moments are gathered for it and split again on loading.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tether import distributed
 from tether.errors import TetherError
 from tether.models import export_policy
 
@@ -54,23 +58,31 @@ def checkpoint_command(path: Path) -> str:
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (for safetensors) and JSON metadata."""
+    """Split an optimizer state dict into flat tensors (for safetensors) and JSON metadata. Moments FSDP split are
+    gathered whole (every rank calls this; only rank 0 keeps the tensors)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, slots in state["state"].items():
         for name, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+                value = distributed.full_tensor(value)
+                if distributed.is_main():
+                    tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    """Inverse of :func:`optimizer_to_tensors` (``load_state_dict`` moves the moments onto the parameters' device)."""
+    """Inverse of :func:`optimizer_to_tensors` (``load_state_dict`` moves the moments onto the parameters' device;
+    a moment of a parameter FSDP split is split like it first)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
+        param = params[int(pid)] if int(pid) < len(params) else None
+        if param is not None and torch.is_tensor(value) and value.shape == param.shape:
+            value = distributed.place_like(param, value)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -104,8 +116,15 @@ def python_rng_state(saved: list) -> tuple:
 
 
 def trainable_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires grad (tied weights once), as contiguous CPU tensors."""
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    """Every parameter that requires grad (tied weights once), as contiguous CPU tensors. FSDP's split ones are
+    gathered whole (every rank calls this; only rank 0 keeps them)."""
+    out = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            param = distributed.full_tensor(param.detach())
+            if distributed.is_main():
+                out[name] = param.cpu().contiguous()
+    return out
 
 
 def save_checkpoint(
@@ -113,20 +132,39 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint of ``trained`` (its trained tensors), ``optimizer``, the RNGs and ``state``
     atomically: a crash at any moment never leaves a folder that loads as one. With ``policy`` and ``tokenizer``,
-    also a transformers folder ``policy/`` one can sample from."""
-    path = Path(path)
+    also a transformers folder ``policy/`` one can sample from. Every process calls it; rank 0 writes, and the
+    others return once the checkpoint is complete. Under FSDP each part is gathered whole for rank 0, written and
+    freed before the next, so rank 0 holds one part at a time."""
+    path, main = Path(path), distributed.is_main()
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     if policy is not None:
-        export_policy(policy).save_pretrained(tmp / "policy", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "policy")
-    save_file(trainable_tensors(trained), tmp / TRAINABLE_FILE)
+        policy_state = distributed.gathered_state_dict(policy)
+        if main:
+            exported, exported_state = export_policy(policy, policy_state)
+            exported.save_pretrained(tmp / "policy", safe_serialization=True, state_dict=exported_state)
+            tokenizer.save_pretrained(tmp / "policy")
+        del policy_state
+    weights = trainable_tensors(trained)
+    if main:
+        save_file(weights, tmp / TRAINABLE_FILE)
+    del weights
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    rng_tensors, rng_meta = rng_state(generator)
-    save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": opt_meta, "rng": rng_meta}, default=list))
-    if path.exists():  # the same step written again (e.g. the end-of-run save): replace it
+    if main:
+        rng_tensors, rng_meta = rng_state(generator)
+        save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": opt_meta, "rng": rng_meta}, default=list))
+        publish(tmp, path)
+    distributed.barrier()
+    return path
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``, replacing an earlier ``path`` (the same step written again,
+    e.g. by the end-of-run save)."""
+    if path.exists():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
@@ -134,7 +172,6 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(path)
-    return path
 
 
 def load_training_state(path: Path, trained, optimizer, generator=None, restore_rng: bool = True) -> dict:
@@ -151,7 +188,7 @@ def load_training_state(path: Path, trained, optimizer, generator=None, restore_
     params = dict(trained.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            params[name].copy_(distributed.place_like(params[name], value))
     tensors = load_file(path / OPTIMIZER_FILE)
     optimizer_from_tensors(
         optimizer, {k: v for k, v in tensors.items() if not k.startswith("rng.")}, state["optimizer"]

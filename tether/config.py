@@ -254,7 +254,8 @@ class LoggingConfig:
 @dataclass
 class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Under torchrun: 'ddp' (every process holds the trained model) or 'fsdp' (its weights sharded over them)."""
+    """Under torchrun: 'ddp' (every process holds the trained model) or 'fsdp' (its weights, gradients and Adam state
+    split over the processes with fully_shard; not with model.lora_r)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend under torchrun: 'auto' is nccl when the models are on CUDA, else gloo."""
     timeout_minutes: float = 30.0

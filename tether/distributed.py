@@ -6,8 +6,10 @@ trainers need (docs/scaling.md).
 full copy of every role and works on its share of every global batch: its block of rows (:func:`shard`). The trained
 model runs under ``DistributedDataParallel``, which averages gradients over the processes; the trainers normalise
 each rank's loss by the whole batch's count and multiply it by the world size, so the averaged gradient is the
-one-process gradient. Everything here is a no-op on one process started without torchrun, so single-process runs
-take exactly the code path they always took.
+one-process gradient. With ``distributed.strategy=fsdp`` the trained model is split over the processes instead
+(:func:`shard_model`); what needs its whole weights (sampling, evaluation, checkpoints, the saved model) gathers them
+first (:func:`whole`, :func:`gathered_state_dict`, :func:`full_tensor`). Everything here is a no-op on one process
+started without torchrun, so single-process runs take exactly the code path they always took.
 
 ``tether/algo`` never sees a process group: the trainers gather or sum what a global statistic needs first.
 """
@@ -15,7 +17,10 @@ take exactly the code path they always took.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import warnings
+import weakref
 from datetime import timedelta
 
 import torch
@@ -157,34 +162,133 @@ class Forward(nn.Module):
 
 
 def check_strategy(strategy: str) -> None:
-    """``distributed.strategy``: 'ddp'; 'fsdp' is a one-line error until tether can gather sharded weights."""
-    if strategy == "fsdp":
-        raise TetherError(
-            "distributed.strategy=fsdp is not implemented yet (checkpoints and the sampler need whole weights); use "
-            "distributed.strategy=ddp, with model.lora_r and model.dtype=bfloat16 to save memory (docs/scaling.md)"
-        )
+    """``distributed.strategy``: 'ddp' or 'fsdp'; FSDP needs torch's public ``fully_shard`` (2.6 on)."""
+    if strategy == "fsdp" and not hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard"):
+        raise TetherError(f"distributed.strategy=fsdp needs torch>=2.6 (fully_shard), not {torch.__version__}")
 
 
 def data_parallel(module: nn.Module, strategy: str = "ddp", fn=None) -> nn.Module:
-    """What the trainers run forward and backward: ``module`` (or ``Forward(module, fn)``), under DDP when there
-    are several processes. The trainers keep ``module`` itself for checkpoints, sampling and evaluation (under DDP
-    its weights are the same tensors, identical on every rank).
-
-    ``strategy='fsdp'`` is refused: ``fully_shard`` itself trains on gloo and the CPU, but tether's checkpoints, model
-    export and sampler read whole parameters, and gathering sharded ones for them is not written yet (docs/scaling.md).
-    """
-    check_strategy(strategy)
+    """What the trainers run forward and backward: ``module`` (or ``Forward(module, fn)``), under DDP or FSDP when
+    there are several processes. The trainers keep ``module`` itself for checkpoints, sampling and evaluation: under
+    DDP its weights are the same tensors, identical on every rank; under FSDP (:func:`shard_model`) each rank holds a
+    shard, and those uses run inside :func:`whole`."""
     model = module if fn is None else Forward(module, fn)
     if world_size() == 1:
         return model
+    if strategy == "fsdp":
+        return shard_model(model)
     device_ids = [local_rank()] if _collective_device.type == "cuda" else None
     # buffers (causal masks, rotary tables) are constants: nothing to sync at each forward
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
+_sharded: weakref.WeakSet = weakref.WeakSet()  # the roots of the models shard_model split
+_whole: set[int] = set()  # ids of those roots gathered whole now (by an enclosing `whole`)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """``model`` split over the processes with PyTorch's ``fully_shard`` (FSDP2), in place: each transformer block
+    (a Hugging Face model's ``_no_split_modules``) is one unit, gathered for its own forward and backward only; the
+    rest (embeddings, final norm, heads) is the root unit. Parameters, gradients and optimizer moments then exist once
+    over all processes (1/N each). Gradients are reduce-scattered as means over the processes, as under DDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # tether never writes into a model's outputs in place, the one misuse this warning is about
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+    mesh = init_device_mesh(_collective_device.type, (world_size(),))
+    blocks = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    for unit in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # Settle which unit is the root now: the sampler calls the trunk, not the root, and FSDP otherwise takes the
+    # first unit to run forward for the root.
+    model._get_fsdp_state()._lazy_init()
+    _sharded.add(model)
+    return model
+
+
+@contextlib.contextmanager
+def whole(module: nn.Module):
+    """A context in which ``module``, if FSDP split it (or split a model holding it), has its whole parameters on
+    every process: gathered once on entry (a collective: every rank enters), kept through any number of forwards
+    (sampling, scoring, evaluation, export), and split again on exit. Nothing otherwise."""
+    roots = [r for r in _sharded if id(r) not in _whole and any(m is module for m in r.modules())]
+    if not roots:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for r in roots for m in r.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    for root in roots:
+        root.set_reshard_after_forward(False)
+        _whole.add(id(root))
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for root in roots:
+            root.set_reshard_after_forward(True)  # FSDP's defaults: blocks free their weights after forward,
+            root.set_reshard_after_forward(False, recurse=False)  # the root keeps its own until backward
+            _whole.discard(id(root))
+
+
+def is_split(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a shard of a parameter (or its gradient or moment) FSDP split (a DTensor)."""
+    if not _sharded:  # torch.distributed.tensor takes 0.6 s to import: only once FSDP has been used
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor FSDP split over the processes (a DTensor) gathered whole (a collective: every rank calls it in the
+    same order); any other tensor as it is."""
+    return tensor.full_tensor() if is_split(tensor) else tensor
+
+
+def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """``module``'s state dict with the tensors FSDP split gathered whole onto the CPU (a collective: every rank
+    calls it; rank 0 gets the dict, the others ``{}``); tied weights stay one tensor. None when nothing of
+    ``module`` is split: its own ``state_dict()`` is whole."""
+    state = module.state_dict()
+    if not any(is_split(t) for t in state.values()):
+        return None
+    whole: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        local = tensor.to_local() if is_split(tensor) else tensor
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(tensor.shape))  # tied: one key
+        if key not in whole:
+            gathered = full_tensor(tensor)  # every rank takes part in the gather
+            whole[key] = gathered.detach().cpu() if is_main() else None
+        out[name] = whole[key]
+    return out if is_main() else {}
+
+
+def place_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A whole ``value`` (e.g. read from a checkpoint) laid out like ``param``: this rank's shard if FSDP split
+    ``param``, else ``value`` itself."""
+    if not is_split(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """``clip_grad_norm_`` over every process's gradients; returns the global norm before clipping."""
+    return full_tensor(torch.nn.utils.clip_grad_norm_(list(params), max_norm)).item()
+
+
 def gradient_sync(model: nn.Module, sync: bool):
     """A context in which backward passes synchronise gradients (``sync``) or only accumulate them locally (DDP's
-    ``no_sync``: every micro-batch of a minibatch but the last)."""
+    ``no_sync``: every micro-batch of a minibatch but the last). FSDP reduce-scatters every micro-batch's gradients
+    into the shards (accumulating whole gradients locally would undo its memory saving)."""
     if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()

@@ -413,16 +413,53 @@ class AdapterDisabledReference(nn.Module):
             return self.peft_model.generate(*args, **kwargs)
 
 
-def export_policy(policy: nn.Module) -> nn.Module:
-    """The policy as a plain transformers model for ``save_pretrained``.
+def export_policy(policy: nn.Module, whole: dict | None = None) -> tuple[nn.Module, dict | None]:
+    """The policy as a plain transformers model for ``save_pretrained``, and the state dict to give it (None: the
+    model's own).
 
-    A LoRA policy is deep-copied and its adapter merged into the copy's weights, so the saved folder loads with
-    ``AutoModelForCausalLM`` alone (the training model keeps its adapter). Any other model is returned unchanged.
-    The copy briefly doubles the policy's memory while saving.
+    ``whole`` is the policy's state dict gathered whole when FSDP split the policy
+    (:func:`tether.distributed.gathered_state_dict`). A LoRA policy's adapter is merged into the weights, so the saved
+    folder loads with ``AutoModelForCausalLM`` alone (the training model keeps its adapter): into a deep copy (which
+    briefly doubles the policy's memory), or, for a split policy, into the gathered tensors
+    (:func:`merged_lora_state`).
     """
     if not is_peft_model(policy):
-        return policy
-    return copy.deepcopy(policy).merge_and_unload()
+        return policy, whole
+    if whole is None:
+        return copy.deepcopy(policy).merge_and_unload(), None
+    return policy.get_base_model(), merged_lora_state(policy, whole)
+
+
+def merged_lora_state(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict ``merge_and_unload`` would give, computed from the LoRA policy's own state dict ``state``
+    without copying the model: each adapted weight becomes base + transpose(B @ A) x scaling (peft's
+    ``get_delta_weight``), under the plain model's names."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    adapter = peft_model.active_adapter
+    prefix = "base_model.model."
+    layers = {name.removeprefix(prefix): m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    for name, layer in layers.items():
+        if not isinstance(layer, LoraLinear) or layer.use_dora.get(adapter, False):
+            raise TetherError(f"LoRA layer '{name}': only plain LoRA on linear layers is merged for export")
+    out = {}
+    for key, tensor in state.items():
+        key = key.removeprefix(prefix)
+        module, _, leaf = key.rpartition(".")
+        if ".lora_" in key:
+            continue
+        if module.endswith(".base_layer") and module.removesuffix(".base_layer") in layers:
+            module = module.removesuffix(".base_layer")
+            layer = layers[module]
+            if leaf == "weight":
+                a, b = (state[f"{prefix}{module}.lora_{ab}.{adapter}.weight"].float() for ab in "AB")
+                delta = (b @ a) * layer.scaling[adapter]
+                delta = delta.T if layer.fan_in_fan_out else delta
+                tensor = (tensor.float() + delta).to(tensor.dtype)
+            key = f"{module}.{leaf}"
+        out[key] = tensor
+    return out
 
 
 def parameter_bytes(*models: nn.Module) -> int:

@@ -15,6 +15,7 @@ when that is true of the median trained weight. float16 would need a gradient sc
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,16 @@ from tether.distributed import launched_processes, local_rank
 from tether.errors import TetherError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far, GiB: what torch allocated on a CUDA device, else its peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -123,14 +134,16 @@ def frozen_fraction(module: nn.Module, lr: float, sample: int = 1_000_000) -> fl
     return (weights * torch.finfo(params[0].dtype).eps / 4 > lr).float().mean().item()
 
 
-def state_dict_in(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """``module``'s state dict with its floating tensors cast to ``dtype`` on the CPU; None when all already are.
+def state_dict_in(module: nn.Module, dtype: torch.dtype, state: dict | None = None) -> dict[str, torch.Tensor] | None:
+    """``state`` (default: ``module``'s state dict) with its floating tensors cast to ``dtype`` on the CPU; when all
+    already are, ``state`` as given (None by default: the module's own).
 
     Tied weights (one storage under two names) are cast once and stay tied, so ``save_pretrained`` still sees them.
     """
-    state = module.state_dict()
+    given = state
+    state = module.state_dict() if state is None else state
     if all(not t.is_floating_point() or t.dtype == dtype for t in state.values()):
-        return None
+        return given
     copies: dict[tuple, torch.Tensor] = {}
     out = {}
     for name, tensor in state.items():

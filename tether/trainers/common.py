@@ -218,19 +218,20 @@ def save_model(model, tokenizer, path: Path, dtype: torch.dtype = torch.float32)
     the others wait for it.
     """
     path = Path(path)
+    whole = distributed.gathered_state_dict(model)  # FSDP: the split weights gathered for rank 0 (None otherwise)
     if distributed.is_main():
-        _save_model(model, tokenizer, path, dtype)
+        _save_model(model, tokenizer, path, dtype, whole)
     distributed.barrier()
     return path
 
 
-def _save_model(model, tokenizer, path: Path, dtype: torch.dtype) -> None:
+def _save_model(model, tokenizer, path: Path, dtype: torch.dtype, whole: dict | None = None) -> None:
     import shutil
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    exported = export_policy(model)
-    state = state_dict_in(exported, dtype)
+    exported, state = export_policy(model, whole)
+    state = state_dict_in(exported, dtype, state)
     exported.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     if state is not None:  # save_pretrained wrote the model's own dtype into config.json
         held, exported.config.dtype = exported.config.dtype, str(dtype).removeprefix("torch.")
@@ -279,11 +280,11 @@ class StepCheckpoints:
         signal asked to stop (then raise :class:`Interrupted`); a signal to any rank stops every rank."""
         stop = distributed.agree_stop(stop)
         due = self.save_every and step % self.save_every == 0 and step < total
-        if (due or stop) and distributed.is_main():
+        if due or stop:  # every rank: FSDP gathers the split weights for rank 0, which writes
             meta = {"command": self.command, "step": step, **state, "config": to_dict(self.config)}
             save_checkpoint(step_dir(self.root, step), self.model, self.optimizer, meta)
-            prune_checkpoints(self.root, keep=1)
-        if due or stop:
+            if distributed.is_main():
+                prune_checkpoints(self.root, keep=1)
             distributed.barrier()
         if stop:
             raise Interrupted(stop[0], f"{self.command} step {step}", self.command, self.run_dir)

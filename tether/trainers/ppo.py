@@ -50,7 +50,7 @@ from tether.models import (
     ActorCritic,
     gather_ids,
 )
-from tether.precision import Placement
+from tether.precision import Placement, peak_memory_gib
 from tether.metrics import rollout_stats
 from tether.rewards import RunningMoments, decode_responses, transform_scores
 from tether.rollout import Sampling, collect_rollout, stop_ids
@@ -70,10 +70,13 @@ SHOWN = (
 """What the live bar and the summary line of `tether ppo` show (those logged)."""
 
 
-def perf_stats(rollout: Rollout, stats: dict) -> dict[str, float]:
+def perf_stats(rollout: Rollout, stats: dict, device: torch.device) -> dict[str, float]:
     """Throughput of an iteration: response tokens per second of the whole step and, inside sampling, sampled tokens
-    (every row's, up to the longest response) per second of ``time/sample``."""
+    (every row's, up to the longest response) per second of ``time/sample``; and the largest peak memory of any
+    process so far."""
+    peak_mib = distributed.max_int(round(peak_memory_gib(device) * 1024))
     out = {"perf/tokens_per_sec": rollout.response_mask.sum().item() / stats["time/step"]}
+    out["perf/peak_memory_gib"] = peak_mib / 1024
     if stats.get("time/sample"):
         out["perf/sample_tokens_per_sec"] = rollout.response_ids.numel() / stats["time/sample"]
     return out
@@ -179,21 +182,22 @@ class PPOTrainer(SafetyRails):
             )
         prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, max_prompt_length)  # the same padding on all
         rows = distributed.shard(len(prompts))  # this process's block of the batch
-        rollout = collect_rollout(
-            self.actor_critic,
-            self.reference,
-            self.scorer,
-            self.tokenizer,
-            self.placement.move(prompt_ids[rows]),
-            self.placement.move(prompt_mask[rows]),
-            self.sampling,
-            chunk=self.micro_batch_size,
-            autocast=self.placement.autocast,
-            prompts=prompts[rows],
-            stops=self.stops,
-            keys=row_keys(self.config.seed, self.iteration, range(len(prompts))[rows]),
-            clock=clock,
-        )
+        with distributed.whole(self.actor_critic):  # FSDP: whole weights for the rollout, gathered once
+            rollout = collect_rollout(
+                self.actor_critic,
+                self.reference,
+                self.scorer,
+                self.tokenizer,
+                self.placement.move(prompt_ids[rows]),
+                self.placement.move(prompt_mask[rows]),
+                self.sampling,
+                chunk=self.micro_batch_size,
+                autocast=self.placement.autocast,
+                prompts=prompts[rows],
+                stops=self.stops,
+                keys=row_keys(self.config.seed, self.iteration, range(len(prompts))[rows]),
+                clock=clock,
+            )
         return gather_rollout(rollout, self.tokenizer.pad_token_id)
 
     # ---- step 2 -----------------------------------------------------------------------------------------------
@@ -347,7 +351,7 @@ class PPOTrainer(SafetyRails):
     def clip_gradients(self) -> float:
         params = [p for p in self.actor_critic.parameters() if p.grad is not None]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        return distributed.clip_grad_norm(params, max_norm)
 
     @property
     def total_updates(self) -> int:
@@ -403,7 +407,7 @@ class PPOTrainer(SafetyRails):
                 # 2-5. reward, advantages, update, KL control
                 rollout, stats = self.step(rollout)
                 stats |= clock | {"time/rollout": t_rollout, "time/step": time.perf_counter() - t0}
-                stats |= perf_stats(rollout, stats)
+                stats |= perf_stats(rollout, stats, self.device)
                 stats |= self.judge(rollout, batch)
                 if on_step is not None:
                     stats.update(on_step(self, rollout) or {})

@@ -119,16 +119,9 @@ class SafetyRails:
             "config": to_dict(self.config),
         }
         path = step_dir(root, self.iteration)
+        policy = self.actor_critic.policy
+        save_checkpoint(path, self.actor_critic, self.optimizer, state, self.generator, policy, self.tokenizer)
         if distributed.is_main():
-            save_checkpoint(
-                path,
-                self.actor_critic,
-                self.optimizer,
-                state,
-                self.generator,
-                policy=self.actor_critic.policy,
-                tokenizer=self.tokenizer,
-            )
             prune_checkpoints(root, self.config.ppo.keep_checkpoints, protect=self.guards.last_stable)
         distributed.barrier()
         self.saved_at = self.iteration

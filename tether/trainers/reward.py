@@ -68,10 +68,11 @@ def evaluate_pairs(model, tokenizer, records, max_length: int, placement: Placem
     correlation between score and response length (tokens) over all chosen and rejected responses."""
     model.eval()
     chosen, rejected = [], []
-    for i in range(0, len(records), batch_size):
-        c, r = pair_scores(model, tokenizer, records[i : i + batch_size], max_length, placement)
-        chosen.append(c)
-        rejected.append(r)
+    with distributed.whole(model):  # FSDP: every process scores with the whole weights
+        for i in range(0, len(records), batch_size):
+            c, r = pair_scores(model, tokenizer, records[i : i + batch_size], max_length, placement)
+            chosen.append(c)
+            rejected.append(r)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     loss, stats = pairwise_reward_loss(chosen, rejected)
     lengths = [response_tokens(tokenizer, r[side]) for side in ("chosen", "rejected") for r in records]
@@ -165,6 +166,9 @@ def reward_step(scorer, optimizer, tokenizer, batch, cfg, placement: Placement, 
     set_lr(optimizer, cfg.lr * lr_factor("linear", step, total))
     pairs = preference_batch(tokenizer, batch, cfg.max_length)  # the whole batch: the same padding on every rank
     mine = torch.arange(pairs.num_pairs)[distributed.shard(pairs.num_pairs)]
+    share = len(mine) / pairs.num_pairs
+    if not len(mine):  # fewer pairs than processes (an epoch's last batch): score one, weighted 0, so that every
+        mine = torch.arange(1)  # process runs the same forward and backward (DDP's and FSDP's collectives)
     rows = torch.cat([mine, mine + pairs.num_pairs])  # this rank's chosen rows, then its rejected rows
     ids, mask = placement.move(pairs.input_ids[rows]), placement.move(pairs.attention_mask[rows])
     with placement.autocast():
@@ -173,11 +177,10 @@ def reward_step(scorer, optimizer, tokenizer, batch, cfg, placement: Placement, 
     loss, stats = pairwise_reward_loss(chosen, rejected)
     if cfg.center_coef:
         loss = loss + cfg.center_coef * ((chosen + rejected) ** 2).mean()
-    share = len(mine) / pairs.num_pairs
     optimizer.zero_grad(set_to_none=True)
     (loss * (share * distributed.world_size())).backward()  # DDP averages over the processes
     params = [p for p in scorer.parameters() if p.grad is not None]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    distributed.clip_grad_norm(params, 1.0)
     optimizer.step()
     local = {"rm/loss": loss.item(), "rm/accuracy": stats["accuracy"].item(), "rm/margin": stats["margin"].item()}
     return distributed.sum_floats({k: v * share for k, v in local.items()})

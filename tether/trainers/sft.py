@@ -97,7 +97,7 @@ def train_sft(config: RunConfig, run_dir: Path, echo=print, resume_from: Path | 
             set_lr(optimizer, cfg.lr * lr_factor("cosine", step, cfg.steps, cfg.warmup_steps))
             examples = rng.sample(records, min(cfg.batch_size, len(records)))
             loss, accuracy = sft_step(model, optimizer, tokenizer, examples, cfg.max_length, placement)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            grad_norm = distributed.clip_grad_norm(policy.parameters(), 1.0)
             optimizer.step()
             bar.update(1)
             if step % 10 == 0 or step == cfg.steps - 1:
@@ -114,11 +114,13 @@ def sft_step(model, optimizer, tokenizer, examples: list[dict], max_length: int,
     in ``model``, and the batch's (loss, token_accuracy) over every process's tokens."""
     ids, attention_mask, loss_mask = sft_batch(tokenizer, examples, max_length)  # the same padding on every rank
     num_tokens = loss_mask[:, 1:].sum().float().clamp(min=1).item()
-    rows = distributed.shard(len(examples))
+    rows, weight = distributed.shard(len(examples)), 1.0
+    if rows.start == rows.stop:  # fewer examples than processes: one, weighted 0, so that every process runs the
+        rows, weight = slice(0, 1), 0.0  # same forward and backward (DDP's and FSDP's collectives)
     batch = [placement.move(t[rows]) for t in (ids, attention_mask, loss_mask)]
     with placement.autocast():  # bf16 forward; sft_loss takes float32 logits
         loss, accuracy = sft_loss(model, *batch, fill_id=tokenizer.eos_token_id, num_tokens=num_tokens)
     optimizer.zero_grad(set_to_none=True)
-    (loss * distributed.world_size()).backward()  # DDP averages over the processes: the sum is the batch's loss
-    totals = distributed.sum_floats({"loss": loss.item(), "accuracy": accuracy.item()})
+    (loss * (weight * distributed.world_size())).backward()  # DDP averages over the processes: the sum is the batch's
+    totals = distributed.sum_floats({"loss": loss.item() * weight, "accuracy": accuracy.item() * weight})
     return totals["loss"], totals["accuracy"]
