@@ -205,3 +205,33 @@ def test_legacy_config_takes_device_and_bf16_from_accelerator_kwargs():
     assert (PPOConfig().to_run_config().model.device, PPOConfig().to_run_config().model.dtype) == ("auto", "float32")
     with pytest.warns(UserWarning, match=r"accelerator_kwargs\['split_batches'\] accepted but has no effect"):
         PPOConfig(accelerator_kwargs={"split_batches": True})
+
+
+FAULTS = """
+import resource, sys, torch
+from tether.config import build_config
+from tether.precision import Placement
+Placement.from_config(build_config(None, ["model.device=cpu", f"model.cpu_memory={sys.argv[1]}"]).model)
+def faults_of_a_step():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(32 * 2**20)  # 128 MiB: a vocabulary-sized tensor
+    del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+steps = [faults_of_a_step() for _ in range(8)]
+print(min(steps[2:]))  # the steady state: after the heap has grown to the step's size
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cpu_memory_reuse_stops_page_faulting_large_tensors_in_at_every_step():
+    """model.cpu_memory=reuse: a large tensor freed and allocated again reuses mapped memory (no page faults);
+    release: glibc unmaps it and the kernel faults all its pages in again (one per 4 KiB page)."""
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    pages = 32 * 2**20 * 4 // 4096
+    assert faults("release") > pages // 2
+    assert faults("reuse") < pages // 100

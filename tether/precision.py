@@ -38,6 +38,31 @@ def peak_memory_gib(device: torch.device) -> float:
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def reuse_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next allocation instead of giving it back to the system at once.
+
+    By default glibc serves every allocation above 32 MiB (a vocabulary-sized logits or gradient tensor, an embedding
+    gradient) with a fresh ``mmap`` and unmaps it when freed, so the kernel zero-fills and page-faults it in again at
+    every step: a fifth to a quarter of a SmolLM2 update on a 2-core CPU. Here large blocks come from the heap and
+    stay mapped; the process keeps its high-water mark (about 10% more resident memory). Linux with glibc only;
+    returns whether it applied. ``model.cpu_memory=release`` leaves glibc's settings as they are.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    most = 2**31 - 1  # mallopt takes an int
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(
+        libc.mallopt(option, value) == 1
+        for option, value in ((m_mmap_threshold, most), (m_trim_threshold, most), (m_top_pad, 512 * 2**20))
+    )
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else is passed to torch.device. Under torchrun, 'auto' and
     'cuda' mean this process's GPU, ``cuda:LOCAL_RANK``."""
@@ -77,7 +102,10 @@ class Placement:
             raise TetherError(
                 "model.dtype=float16 needs a gradient scaler, which tether does not have; use model.dtype=bfloat16"
             )
-        return cls(resolve_device(model.device), DTYPES[model.dtype], model.master_weights)
+        device = resolve_device(model.device)
+        if device.type == "cpu" and model.cpu_memory == "reuse":
+            reuse_freed_memory()
+        return cls(device, DTYPES[model.dtype], model.master_weights)
 
     @property
     def trained_dtype(self) -> torch.dtype:
