@@ -49,6 +49,7 @@ def one_run(processes: int, strategy: str, policy: Path, reward: Path, prompts: 
     cmd += [f"ppo.prompts={prompts}", f"ppo.steps={args.iterations}", "ppo.rollout_batch_size=16"]
     cmd += ["ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "sampling.max_new_tokens=16", "sampling.min_new_tokens=16"]
     cmd += ["ppo.kl_stop=none", "ppo.save_every=0", "logging.print_every=0", f"output_dir={run_dir}"]
+    cmd += ["model.cpu_memory=release"]  # glibc's own settings (reuse would keep every process at its high-water mark)
     env = dict(os.environ, OMP_NUM_THREADS=str(2 // processes), TOKENIZERS_PARALLELISM="false")
     if args.live:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"

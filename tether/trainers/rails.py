@@ -101,8 +101,8 @@ class SafetyRails:
             self.events.append({"iteration": self.iteration, "kind": "reward_changed", "from": saved, "to": now})
 
     def save(self, root: Path) -> Path:
-        """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit. Rank 0
-        writes it (every process holds the same state); the others wait until it is complete."""
+        """A full checkpoint of this iteration: everything :meth:`restore` needs to continue bit for bit. Every
+        process takes part (FSDP gathers its split weights); rank 0 writes it, the others wait until it is complete."""
         state = {
             "command": "ppo",
             "iteration": self.iteration,
