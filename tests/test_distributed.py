@@ -89,6 +89,13 @@ def test_shard_gives_each_rank_a_block(monkeypatch):
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
         blocks.append(list(range(5))[distributed.shard(5)])
     assert blocks == [[0, 1], [2, 3, 4]]
+    # a batch of 1 row: rank 0 has none, so it runs row 0 with share 0; rank 1 has it all
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.block(1))
+    assert shares == [(slice(0, 1), 0.0), (slice(0, 1), 1.0)]
+    assert distributed.block(5) == (slice(2, 5), 0.6)
 
 
 @pytest.mark.parametrize(
@@ -197,22 +204,23 @@ def pair_data(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
-def test_sft_on_two_processes_matches_one(pair_data, policy_dir):
-    args = ["sft", f"sft.data={pair_data / 'sft.jsonl'}", f"model.policy={policy_dir}", "sft.steps=11"]
-    args += ["sft.batch_size=8", "sft.warmup_steps=2", "logging.print_every=0", "model.device=cpu"]
-    assert run([*args, f"output_dir={pair_data / 'sft_one'}"]) == 0
-    torchrun(*args, f"output_dir={pair_data / 'sft_two'}")
-    assert_same_training(pair_data / "sft_two", pair_data / "sft_one")
+def step_args(command: str, pair_data: Path, policy_dir: str) -> list[str]:
+    """A short `tether sft` or `tether reward` run on the pair data, with a checkpoint every 4 steps."""
+    return {
+        "sft": ["sft", f"sft.data={pair_data / 'sft.jsonl'}", f"model.policy={policy_dir}", "sft.steps=11"]
+        + ["sft.batch_size=8", "sft.warmup_steps=2", "sft.save_every=4"],
+        "reward": ["reward", f"reward.data={pair_data / 'pairs.jsonl'}", f"reward.init={policy_dir}"]
+        + ["reward.epochs=3", "reward.batch_size=8", "reward.center_coef=0.01", "reward.save_every=4"],
+    }[command] + ["logging.print_every=0", "model.device=cpu"]
 
 
 @pytest.mark.slow
-def test_reward_on_two_processes_matches_one(pair_data, policy_dir):
-    args = ["reward", f"reward.data={pair_data / 'pairs.jsonl'}", f"reward.init={policy_dir}", "reward.epochs=3"]
-    args += ["reward.batch_size=8", "reward.center_coef=0.01", "logging.print_every=0", "model.device=cpu"]
-    assert run([*args, f"output_dir={pair_data / 'rm_one'}"]) == 0
-    torchrun(*args, f"output_dir={pair_data / 'rm_two'}")
-    assert_same_training(pair_data / "rm_two", pair_data / "rm_one")
+@pytest.mark.parametrize("command", ["sft", "reward"])
+def test_sft_and_reward_on_two_processes_match_one(pair_data, policy_dir, command):
+    args = step_args(command, pair_data, policy_dir)
+    assert run([*args, f"output_dir={pair_data / command}_one"]) == 0
+    torchrun(*args, f"output_dir={pair_data / command}_two")
+    assert_same_training(pair_data / f"{command}_two", pair_data / f"{command}_one")
 
 
 @pytest.mark.slow
@@ -276,12 +284,7 @@ def test_ppo_fsdp_with_a_separate_critic_matches_one_process(ppo_runs):
 def test_sft_and_reward_fsdp_on_two_processes_match_one_and_resume_on_one(pair_data, policy_dir, command):
     """Split over two processes, SFT and the reward model train what one process trains; the last checkpoint of the
     split run (gathered for rank 0) resumed on one process gives the same run again."""
-    args = {
-        "sft": ["sft", f"sft.data={pair_data / 'sft.jsonl'}", f"model.policy={policy_dir}", "sft.steps=11"]
-        + ["sft.batch_size=8", "sft.warmup_steps=2", "sft.save_every=4"],
-        "reward": ["reward", f"reward.data={pair_data / 'pairs.jsonl'}", f"reward.init={policy_dir}"]
-        + ["reward.epochs=3", "reward.batch_size=8", "reward.center_coef=0.01", "reward.save_every=4"],
-    }[command] + ["logging.print_every=0", "model.device=cpu"]
+    args = step_args(command, pair_data, policy_dir)
     one, fsdp = pair_data / f"{command}_one_ref", pair_data / f"{command}_fsdp"
     assert run([*args, f"output_dir={one}"]) == 0
     torchrun(*args, f"output_dir={fsdp}", "distributed.strategy=fsdp")

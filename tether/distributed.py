@@ -90,6 +90,16 @@ def shard(n: int) -> slice:
     return slice(r * n // w, (r + 1) * n // w)
 
 
+def block(n: int) -> tuple[slice, float]:
+    """This rank's rows of a global batch of ``n`` (:func:`shard`) and their share of the batch. A rank whose block is
+    empty (fewer rows than processes, e.g. an epoch's last batch) gets row 0 with share 0: it still runs the same
+    forward and backward, so DDP's and FSDP's collectives never wait on it, and weighs it by 0."""
+    rows = shard(n)
+    if rows.start == rows.stop:
+        return slice(0, 1), 0.0
+    return rows, (rows.stop - rows.start) / n
+
+
 def barrier() -> None:
     """Wait until every process gets here (e.g. until rank 0 has written a checkpoint the others will read)."""
     if world_size() > 1:

@@ -165,10 +165,8 @@ def reward_step(scorer, optimizer, tokenizer, batch, cfg, placement: Placement, 
     scorer.train()
     set_lr(optimizer, cfg.lr * lr_factor("linear", step, total))
     pairs = preference_batch(tokenizer, batch, cfg.max_length)  # the whole batch: the same padding on every rank
-    mine = torch.arange(pairs.num_pairs)[distributed.shard(pairs.num_pairs)]
-    share = len(mine) / pairs.num_pairs
-    if not len(mine):  # fewer pairs than processes (an epoch's last batch): score one, weighted 0, so that every
-        mine = torch.arange(1)  # process runs the same forward and backward (DDP's and FSDP's collectives)
+    part, share = distributed.block(pairs.num_pairs)  # share 0: no pairs here, one scored for the collectives
+    mine = torch.arange(pairs.num_pairs)[part]
     rows = torch.cat([mine, mine + pairs.num_pairs])  # this rank's chosen rows, then its rejected rows
     ids, mask = placement.move(pairs.input_ids[rows]), placement.move(pairs.attention_mask[rows])
     with placement.autocast():

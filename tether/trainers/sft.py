@@ -114,9 +114,8 @@ def sft_step(model, optimizer, tokenizer, examples: list[dict], max_length: int,
     in ``model``, and the batch's (loss, token_accuracy) over every process's tokens."""
     ids, attention_mask, loss_mask = sft_batch(tokenizer, examples, max_length)  # the same padding on every rank
     num_tokens = loss_mask[:, 1:].sum().float().clamp(min=1).item()
-    rows, weight = distributed.shard(len(examples)), 1.0
-    if rows.start == rows.stop:  # fewer examples than processes: one, weighted 0, so that every process runs the
-        rows, weight = slice(0, 1), 0.0  # same forward and backward (DDP's and FSDP's collectives)
+    rows, share = distributed.block(len(examples))
+    weight = 1.0 if share else 0.0  # 0: no examples here, one run for the collectives (the loss is normalised already)
     batch = [placement.move(t[rows]) for t in (ids, attention_mask, loss_mask)]
     with placement.autocast():  # bf16 forward; sft_loss takes float32 logits
         loss, accuracy = sft_loss(model, *batch, fill_id=tokenizer.eos_token_id, num_tokens=num_tokens)
