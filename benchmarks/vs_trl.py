@@ -231,9 +231,11 @@ def sampler_vs_generate(policy: Path, prompts: Path, args, batch: int = 16, new_
     from transformers import GenerationConfig
 
     from tether.models import load_causal_lm, load_tokenizer
+    from tether.precision import reuse_freed_memory
     from tether.sampling import Sampling, sample
 
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # what a CPU Placement does in tether's runs; both sides share this process
     tok, model = load_tokenizer(str(policy)), load_causal_lm(str(policy)).eval()
     ids = torch.tensor([json.loads(line)["input_ids"] for line in prompts.read_text().splitlines()][:batch])
     mask = torch.ones_like(ids)

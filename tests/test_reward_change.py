@@ -28,7 +28,8 @@ def test_finished_run_continues_on_a_new_reward_function(tmp_path, tiny_ppo_args
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(r["reward/score"] != 2.5 for r in rows[:3])  # the reward model's scores
     assert [r["reward/score"] for r in rows[3:]] == [2.5, 2.5]  # the new function's
-    assert rows[0]["kl/ref"] == 0.0 and rows[3]["kl/ref"] != 0.0  # the policy went on; it did not restart
+    # the policy went on; it did not restart (at the first iteration it is the reference, to float rounding)
+    assert abs(rows[0]["kl/ref"]) < 1e-5 < abs(rows[3]["kl/ref"]), [r["kl/ref"] for r in rows]
     # the running score scale restarted: fresh moments (prior count 1e-4) see a constant 2.5 with std ~0.01 and
     # scale it to ~260; the old reward's moments (std of the reward model's scores, ~1) would have given ~2.5
     assert rows[3]["reward/scaled"] > 100

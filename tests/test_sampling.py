@@ -19,20 +19,30 @@ PROMPTS = ["1+1=", "12*34+5=", "9-4=", "7+7=", "100-1="]
 
 
 def test_noise_is_uniform_and_belongs_to_the_row_and_step():
-    keys = row_keys(0, 3, range(4))
-    u = uniform_noise(keys, 0, 50_000)
-    assert u.shape == (4, 50_000) and u.min() > 0 and u.max() < 1
+    keys = row_keys(0, 3, range(50_000))
+    u = uniform_noise(keys, 0)
+    assert u.shape == (50_000,) and u.dtype == torch.float64 and u.min() > 0 and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
-    assert torch.equal(uniform_noise(keys[2:3], 0, 50_000), u[2:3])  # a row's noise ignores the other rows
-    assert not torch.equal(uniform_noise(keys, 1, 50_000), u)  # and differs from step to step
+    assert torch.equal(uniform_noise(keys[2:3], 0), u[2:3])  # a row's noise ignores the other rows
+    assert (uniform_noise(keys, 1) != u).float().mean() > 0.999  # and differs from step to step
     assert len({tuple(row_keys(s, i, [0]).tolist()) for s in range(3) for i in range(3)}) == 9
 
 
-def test_gumbel_max_draws_from_the_softmax():
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).expand(40_000, 5)
-    tokens = draw(logits, row_keys(1, 0, range(40_000)), step=0)
-    freq = torch.bincount(tokens, minlength=5).float() / 40_000
-    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
+def test_draws_follow_the_softmax_and_never_a_filtered_token():
+    logits = torch.tensor([2.0, float("-inf"), 1.0, 0.0, float("-inf"), -1.0, -30.0, float("-inf")])
+    tokens = draw(logits.expand(40_000, 8), row_keys(1, 0, range(40_000)), step=0)
+    freq = torch.bincount(tokens, minlength=8).float() / 40_000
+    torch.testing.assert_close(freq, logits.softmax(-1), atol=0.01, rtol=0)
+    assert freq[[1, 4, 7]].sum() == 0
+
+
+def test_draw_by_hand():
+    """Inverse CDF: probabilities 0.5, 0.25, 0.25 split (0, 1) at 0.5 and 0.75; u picks the interval it falls in."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    keys = row_keys(0, 0, range(2000))
+    u, tokens = uniform_noise(keys, 4), draw(logits.expand(2000, 3), keys, 4)
+    expected = (u > 0.5).long() + (u > 0.75).long()
+    assert torch.equal(tokens, expected)
 
 
 def test_filters_by_hand():
@@ -144,3 +154,16 @@ def test_rollout_from_the_recording_equals_the_plain_path(policy_dir, reward_dir
     for name in ("logprobs", "ref_logprobs", "values", "entropy"):
         torch.testing.assert_close(getattr(fast, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
     assert math.isclose(fast.response_mask.float().mean().item(), plain.response_mask.float().mean().item())
+
+
+def test_prepacked_and_plain_decoding_agree(policy_dir, tokenizer):
+    policy = load_causal_lm(policy_dir).eval()
+    ids, mask = prompt_batch(tokenizer, PROMPTS, 32)
+    keys, stops = row_keys(3, 1, range(len(PROMPTS))), [tokenizer.eos_token_id]
+    packed, plain = (
+        sample(policy, ids, mask, Sampling(12, 0.9, fast_decoding=fast), stops, keys, record=True)
+        for fast in (True, False)
+    )
+    assert torch.equal(packed.tokens, plain.tokens)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(packed.hidden, plain.hidden, atol=1e-6, rtol=1e-6)

@@ -75,6 +75,8 @@ class SamplingConfig:
     """Top-k sampling (0 = off)."""
     min_new_tokens: int = 0
     """Shortest response: stop tokens are held back until this many tokens are sampled (0 = off)."""
+    fast_decoding: bool = True
+    """CPU, float32: sample from oneDNN-packed weights (one more copy of them), static KV cache for Llama families."""
     max_prompt_length: int = 128
     """Prompts longer than this many tokens are cut from the left."""
 

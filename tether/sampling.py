@@ -8,12 +8,12 @@ stop tokens handled in the loop (finished rows are filled with the first stop id
 the weights, and the two are level (BENCHMARKS.md); what the loop adds is what it records (:class:`Sampled`), which
 saves the policy's forward pass over the rollout.
 
-Each row draws its tokens by the Gumbel-max trick from noise that is a hash of ``(row key, step, token id)``:
-``argmax(logits / temperature + g)`` with ``g = -log(-log(u))`` samples exactly from the softmax. A row's key comes
-from ``(seed, iteration, row index in the rollout batch)`` (:func:`row_keys`), so a row samples the same tokens
-whatever else is in its batch: on one process or split over several, in any chunking (up to float rounding of the
-logits, which may flip a near tie). The hash is integer arithmetic (splitmix64), so the noise itself is identical on
-every device.
+Each row draws its tokens by inverting the softmax's cumulative distribution at one uniform number that is a hash of
+``(row key, step)``: the token whose interval of the cumulative sum (float64) holds ``u`` times the total. A row's
+key comes from ``(seed, iteration, row index in the rollout batch)`` (:func:`row_keys`), so a row samples the same
+tokens whatever else is in its batch: on one process or split over several, in any chunking (up to float rounding of
+the logits, which may move a boundary past ``u``). The hash is integer arithmetic (splitmix64), so the noise itself
+is identical on every device, and it costs one number per row and step, not one per token of the vocabulary.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from tether.algo import entropy_from_logits, logprobs_from_logits
+from tether.decoding import lean_decoder
 from tether.models import model_inputs, trunk
+from tether.prepack import cpu_autocast, prepacked_linears
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -40,11 +42,13 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     min_new_tokens: int = 0  # stop tokens are masked out before this many response tokens (0: off)
+    fast_decoding: bool = True  # CPU float32: oneDNN-packed weights (tether.prepack), LeanDecoder where it applies
 
     @classmethod
     def from_config(cls, config) -> Sampling:
         """The settings of a :class:`tether.config.SamplingConfig`."""
-        return cls(config.max_new_tokens, config.temperature, config.top_p, config.top_k, config.min_new_tokens)
+        fields = ("max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens", "fast_decoding")
+        return cls(*(getattr(config, name) for name in fields))
 
 
 def _signed(x: int) -> int:
@@ -85,12 +89,10 @@ def random_keys(batch: int, device=None) -> torch.Tensor:
     return torch.randint(-(1 << 62), 1 << 62, (batch,), dtype=torch.int64).to(device)
 
 
-def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(B, V) float32 uniforms in (0, 1): a hash of (row key, step, token id), the same on every device."""
-    step_keys = _mix(keys ^ _signed(_mix_int(step + 1)))
-    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64) * _signed(GOLDEN)
-    bits = _shr(_mix(step_keys[:, None] ^ ids[None, :]), 40)  # the top 24 bits
-    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+def uniform_noise(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """(B,) float64 uniforms in (0, 1): a hash of (row key, step), the same on every device."""
+    bits = _shr(_mix(keys ^ _signed(_mix_int(step + 1))), 12)  # the top 52 bits: u < 1 exactly in float64
+    return (bits.double() + 0.5) * (1.0 / (1 << 52))
 
 
 def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -110,9 +112,10 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 
 def draw(logits: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
-    """(B,) token ids sampled from softmax(``logits``) by Gumbel-max with each row's own noise."""
-    gumbel = -torch.log(-torch.log(uniform_noise(keys, step, logits.shape[-1])))
-    return torch.argmax(logits + gumbel, dim=-1)
+    """(B,) token ids sampled from softmax(``logits``) by inverting its cumulative sum at each row's uniform."""
+    cumulative = logits.softmax(-1).double().cumsum(-1)
+    target = uniform_noise(keys, step) * cumulative[:, -1]
+    return torch.searchsorted(cumulative, target[:, None])[:, 0].clamp_(max=logits.shape[-1] - 1)
 
 
 def cache_argument(body) -> str:
@@ -129,6 +132,20 @@ def next_token_logits(model, ids, attention_mask, position_ids, cache):
     )
     hidden = out.last_hidden_state[:, -1]
     return model.get_output_embeddings()(hidden), hidden, out[name]
+
+
+class TransformersSteps:
+    """Decoding through the model's own ``transformers`` forward and cache (the interface of LeanDecoder)."""
+
+    def __init__(self, model):
+        self.model, self.cache, self.attention = model, None, None
+
+    def forward(self, ids, positions, key_mask=None):
+        """Logits (B, V) and hidden state (B, d) after ``ids`` at ``positions``; ``key_mask`` for the prompt."""
+        ones = torch.ones_like(ids)
+        self.attention = key_mask if self.attention is None else torch.cat([self.attention, ones], dim=1)
+        logits, hidden, self.cache = next_token_logits(self.model, ids, self.attention, positions, self.cache)
+        return logits, hidden
 
 
 @dataclass
@@ -164,15 +181,27 @@ def sample(
     """
     batch, device = prompt_ids.shape[0], prompt_ids.device
     keys = random_keys(batch, device) if keys is None else keys.to(device)
-    stop_ids = torch.tensor(stops, device=device)
-    inputs = model_inputs(prompt_ids, prompt_mask, stops[0])
-    attention, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps: dict[str, list[torch.Tensor]] = {"tokens": [], "logprobs": [], "entropy": [], "hidden": []}
     was_training = model.training
     model.eval()
     with autocast():
-        logits, hidden, cache = next_token_logits(model, inputs["input_ids"], attention, inputs["position_ids"], None)
+        fast = sampling.fast_decoding and not cpu_autocast()
+    decoder = lean_decoder(model, batch, prompt_ids.shape[1] + sampling.max_new_tokens) if fast else None
+    with prepacked_linears(model, fast and decoder is None):
+        inputs = model_inputs(prompt_ids, prompt_mask, stops[0])
+        steps = _decode(decoder or TransformersSteps(model), inputs, sampling, stops, keys, autocast, record)
+    model.train(was_training)
+    return Sampled(**{k: torch.stack(v, dim=1) if v else None for k, v in steps.items()})
+
+
+def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[str, list[torch.Tensor]]:
+    """The decoding loop of :func:`sample` on a LeanDecoder or TransformersSteps: each step's token (and, ``record``,
+    what the policy said of it)."""
+    stop_ids = torch.tensor(stops, device=keys.device)
+    position = inputs["position_ids"][:, -1:]
+    done = torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
+    steps: dict[str, list[torch.Tensor]] = {"tokens": [], "logprobs": [], "entropy": [], "hidden": []}
+    with autocast():
+        logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
     for step in range(sampling.max_new_tokens):
         logits = allowed = logits.float()
         if step < sampling.min_new_tokens:
@@ -187,9 +216,7 @@ def sample(
         done |= torch.isin(token, stop_ids)
         if step + 1 == sampling.max_new_tokens or bool(done.all()):
             break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         position = position + 1
         with autocast():
-            logits, hidden, cache = next_token_logits(model, token[:, None], attention, position, cache)
-    model.train(was_training)
-    return Sampled(**{k: torch.stack(v, dim=1) if v else None for k, v in steps.items()})
+            logits, hidden = decoder.forward(token[:, None], position)
+    return steps

@@ -1,0 +1,94 @@
+"""The lean Llama-family decoder against transformers' own forward: each family, left padding, prompt then tokens one
+at a time; the sampler on it against the plain path; and the models it leaves to transformers."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from tether import prepack
+from tether.decoding import lean_decoder
+from tether.models import model_inputs
+from tether.sampling import Sampling, row_keys, sample
+
+pytestmark = pytest.mark.skipif(not prepack.available(), reason="this PyTorch has no oneDNN packed linear")
+SIZES = dict(vocab_size=200, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES, rope_theta=500.0)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=True)),  # q, k, v with biases
+}
+
+
+def build(family: str):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():  # non-zero biases and norm weights, so a mix-up of them shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.1 if name.endswith("bias") else 1.0, 0.2)
+    return model
+
+
+def padded_prompts():
+    ids = torch.randint(3, 200, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :6] = 0  # a one-token prompt
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prompt_then_tokens_match_the_full_forward(family):
+    model = build(family)
+    ids, mask = padded_prompts()
+    steps = 4
+    decoder = lean_decoder(model, 3, ids.shape[1] + steps)
+    assert decoder is not None
+    inputs = model_inputs(ids, mask, 0)
+    with torch.no_grad():
+        logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
+        for step in range(steps + 1):
+            full = model(**model_inputs(ids, mask, 0), output_hidden_states=True)
+            torch.testing.assert_close(logits, full.logits[:, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hidden, full.hidden_states[-1][:, -1], atol=1e-5, rtol=1e-5)
+            if step == steps:
+                break
+            token = logits.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+            position = model_inputs(ids, mask, 0)["position_ids"][:, -1:]
+            logits, hidden = decoder.forward(token, position)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_sampler_on_it_samples_what_the_plain_path_samples(family):
+    model = build(family)
+    ids, mask = padded_prompts()
+    keys = row_keys(5, 0, range(3))
+    lean, plain = (
+        sample(model, ids, mask, Sampling(9, 0.8, fast_decoding=on), [1], keys, record=True) for on in (True, False)
+    )
+    assert torch.equal(lean.tokens, plain.tokens)
+    for name in ("logprobs", "entropy", "hidden"):
+        torch.testing.assert_close(getattr(lean, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
+
+
+def test_models_it_leaves_to_transformers():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
+    assert lean_decoder(gpt2, 2, 16) is None
+    windowed = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=16))
+    assert lean_decoder(windowed, 2, 16) is not None and lean_decoder(windowed, 2, 17) is None
+    assert lean_decoder(build("llama").to(torch.bfloat16), 2, 16) is None
+    lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert lean_decoder(lora, 2, 16) is None  # LoRA layers run through transformers (their base layers packed)

@@ -1,0 +1,196 @@
+"""A lean forward pass for sampling from Llama-family models (Llama, Mistral, Qwen2; SmolLM2 is a Llama).
+
+At batch 16 a SmolLM2 decoding step on two CPU cores spends about 31 ms in its linear layers (oneDNN-packed, see
+:mod:`tether.prepack`) and 20 more around them in ``transformers``: the cache growing its tensors by concatenation,
+the attention mask rebuilt at every step, a dozen module calls per layer. :class:`LeanDecoder` runs the same maths
+with the model's own weights, norms' epsilons and rotary embedding: a static KV cache written in place, q/k/v and
+gate/up each one packed multiply, an additive key mask, and only the last position's hidden state and logits. The
+numbers are ``transformers``' to float rounding (tested against its forward for each family, with left padding).
+
+It applies to the trunk classes named in ``FAMILIES`` whose linear layers are plain float32 CPU ``nn.Linear`` (not
+LoRA-wrapped) and whose attention sees the whole sequence (no sliding window shorter than it), on PyTorch 2.5 or later
+(grouped-query attention in ``scaled_dot_product_attention``); for every other model :func:`lean_decoder` returns
+None and the sampler uses ``transformers``' own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tether import prepack
+from tether.models import trunk
+
+FAMILIES = ("LlamaModel", "MistralModel", "Qwen2Model")
+
+
+@dataclass
+class Projection:
+    """Linear layers side by side as one packed multiply (their outputs concatenated)."""
+
+    weight: torch.Tensor  # oneDNN-packed
+    bias: torch.Tensor | None
+    width: int
+
+    @classmethod
+    def of(cls, *layers: nn.Linear) -> Projection:
+        weight = torch.cat([layer.weight.detach() for layer in layers])
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            bias = torch.cat([layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
+                              for layer in layers])  # fmt: skip
+        return cls(prepack.pack(weight), bias, weight.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return prepack.linear(x, self.weight, self.bias, self.width)
+
+
+@dataclass
+class Block:
+    """One decoder layer's weights: packed projections (q, k, v as one; gate, up as one) and its two norms."""
+
+    norms: tuple[nn.Module, nn.Module]
+    qkv: Projection
+    out: Projection
+    gate_up: Projection
+    down: Projection
+    split: tuple[int, int, int]  # query, key and value heads
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Block:
+        attention, mlp = layer.self_attn, layer.mlp
+        head_dim = attention.head_dim
+        heads = [attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim]
+        return cls(
+            (layer.input_layernorm, layer.post_attention_layernorm),
+            Projection.of(attention.q_proj, attention.k_proj, attention.v_proj),
+            Projection.of(attention.o_proj),
+            Projection.of(mlp.gate_proj, mlp.up_proj),
+            Projection.of(mlp.down_proj),
+            (heads[0], heads[1], heads[1]),
+            head_dim,
+            attention.scaling,
+        )
+
+
+def _sdpa_has_gqa() -> bool:
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 5)
+
+
+def _window(attention: nn.Module) -> int | None:
+    """The attention's sliding window in tokens (None: it sees the whole sequence)."""
+    if hasattr(attention, "sliding_window"):  # Qwen2: per layer
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)  # Mistral: the config's
+
+
+def _plain_layer(layer: nn.Module, length: int) -> bool:
+    """A decoder layer of plain float32 CPU linears and RMS norms, with full attention over ``length`` tokens."""
+    attention, mlp = layer.self_attn, layer.mlp
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    linears = [getattr(attention, n, None) for n in names] + [
+        getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")
+    ]
+    if not all(type(m) is nn.Linear and prepack.packable(m.weight) for m in linears) or not hasattr(
+        attention, "scaling"
+    ):
+        return False
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    window = _window(attention)
+    return all(hasattr(n, "variance_epsilon") for n in norms) and (window is None or window >= length)
+
+
+def _supported(body: nn.Module, length: int) -> bool:
+    """Whether ``body`` is a trunk this module reproduces, for sequences of up to ``length`` tokens."""
+    if type(body).__name__ not in FAMILIES or not (_sdpa_has_gqa() and prepack.available()):
+        return False
+    if getattr(body.config, "hidden_act", None) != "silu" or not hasattr(body, "rotary_emb"):
+        return False
+    return all(_plain_layer(layer, length) for layer in body.layers)
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """A Llama RMS norm's output for float32 ``x``: ``weight * x / sqrt(mean(x^2) + eps)``."""
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (the half-split form of Llama): ``x cos + rotate_half(x) sin``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class LeanDecoder:
+    """A Llama-family trunk and LM head with a static KV cache for ``batch`` rows of up to ``length`` tokens.
+
+    It holds oneDNN-packed copies of the linear weights, so it is built for one sampling pass (the weights must not
+    change while it lives). :meth:`forward` takes the next block of positions (the left-padded prompt, then one token
+    at a time) and returns the logits and final hidden state at the block's last position.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, length: int):
+        self.body = trunk(model)
+        self.blocks = [Block.of(layer) for layer in self.body.layers]
+        self.head = Projection.of(model.get_output_embeddings())
+        weight, first = self.body.embed_tokens.weight, self.blocks[0]
+        shape = (batch, first.split[1], length, first.head_dim)
+        self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks]
+        self.values = [torch.empty_like(k) for k in self.keys]
+        self.allowed = torch.ones(batch, length, dtype=torch.bool, device=weight.device)
+        self.filled = 0
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None):
+        """Logits (B, V) and hidden state (B, d) after ``ids`` (B, S) at ``positions`` (B, S).
+
+        ``key_mask`` (B, S) marks which of these positions later tokens may attend to (0 on left padding)."""
+        start, end = self.filled, self.filled + ids.shape[1]
+        if key_mask is not None:
+            self.allowed[:, start:end] = key_mask.bool()
+        x = self.body.embed_tokens(ids)
+        cos, sin = (t.unsqueeze(1) for t in self.body.rotary_emb(x, positions))
+        mask = self.mask(start, end)
+        for i, block in enumerate(self.blocks):
+            x = x + self.attention(i, block, rms_norm(x, block.norms[0]), cos, sin, mask, start, end)
+            gate, up = block.gate_up(rms_norm(x, block.norms[1])).chunk(2, dim=-1)
+            x = x + block.down(F.silu(gate) * up)
+        self.filled = end
+        hidden = rms_norm(x[:, -1], self.body.norm)
+        return self.head(hidden), hidden
+
+    def mask(self, start: int, end: int) -> torch.Tensor:
+        """(B, 1, S, end) additive mask: a position sees the allowed keys up to itself, and always itself (so a
+        padding position's output stays finite; no real position ever sees it)."""
+        queries = torch.arange(start, end, device=self.allowed.device)[:, None]
+        keys = torch.arange(end, device=self.allowed.device)[None, :]
+        seen = ((keys <= queries) & self.allowed[:, None, None, :end]) | (keys == queries)
+        return torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+
+    def attention(self, i: int, block: Block, x, cos, sin, mask, start: int, end: int) -> torch.Tensor:
+        """One attention block: projections, rotary embedding, the cache written in place, attention, output."""
+        batch, length, _ = x.shape
+        queries, kv_heads = block.split[0], block.split[1]
+        heads = block.qkv(x).view(batch, length, -1, block.head_dim).transpose(1, 2)
+        rotated = rotate(heads[:, : queries + kv_heads], cos, sin)  # queries and keys in one pass
+        q = rotated[:, :queries]
+        self.keys[i][:, :, start:end] = rotated[:, queries:]
+        self.values[i][:, :, start:end] = heads[:, queries + kv_heads :]
+        keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        if length == 1:  # one new token: two small batched multiplies beat the fused kernel's set-up
+            grouped = q.reshape(batch, kv_heads, -1, block.head_dim)  # the query heads that share a key head
+            weights = (grouped @ keys.transpose(-1, -2)).mul_(block.scaling).add_(mask).softmax(-1)
+            out = (weights @ values).view(batch, queries, 1, block.head_dim)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling, enable_gqa=True)
+        return block.out(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def lean_decoder(model: nn.Module, batch: int, length: int) -> LeanDecoder | None:
+    """A :class:`LeanDecoder` for ``model``, or None when its architecture is not one this module reproduces."""
+    body = trunk(model)
+    return LeanDecoder(model, batch, length) if _supported(body, length) else None
