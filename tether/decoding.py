@@ -116,8 +116,8 @@ def _supported(body: nn.Module, length: int) -> bool:
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """A Llama RMS norm's output for float32 ``x``: ``weight * x / sqrt(mean(x^2) + eps)``."""
-    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    """A Llama RMS norm's output for float32 ``x``: ``weight * x / sqrt(mean(x^2) + eps)`` (one fused kernel)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
