@@ -83,6 +83,18 @@ def test_the_sampler_on_it_samples_what_the_plain_path_samples(family):
         torch.testing.assert_close(getattr(lean, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
 
 
+def test_under_cpu_autocast_the_sampler_leaves_it_aside():
+    """bf16 autocast decides the kernels: the float32 lean path must not run, so on and off agree bit for bit."""
+    model = build("llama")
+    ids, mask = padded_prompts()
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    fast, plain = (
+        sample(model, ids, mask, Sampling(6, fast_decoding=on), [1], row_keys(0, 0, range(3)), bf16, record=True)
+        for on in (True, False)
+    )
+    assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.logprobs, plain.logprobs)
+
+
 def test_models_it_leaves_to_transformers():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))

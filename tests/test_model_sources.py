@@ -18,6 +18,7 @@ from tether.config import build_config
 from tether.data import write_jsonl
 from tether.errors import TetherError
 from tether.models import (
+    TanhGELU,
     ActorCritic,
     enable_gradient_checkpointing,
     load_causal_lm,
@@ -353,3 +354,26 @@ def test_ppo_with_gradient_checkpointing_trains_the_same(tiny_ppo_args, tmp_path
     assert any(not torch.equal(before[k], finals[1][k]) for k in before)
     for name in finals[0]:
         torch.testing.assert_close(finals[0][name], finals[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gpt2_gelu_runs_fused_with_the_same_outputs_and_gradients(policy_dir):
+    from transformers.activations import NewGELUActivation
+
+    x = torch.linspace(-12, 12, 4001, requires_grad=True)
+    y = torch.linspace(-12, 12, 4001, requires_grad=True)
+    NewGELUActivation()(x).sum().backward()
+    TanhGELU()(y).sum().backward()
+    torch.testing.assert_close(TanhGELU()(y), NewGELUActivation()(x), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(y.grad, x.grad, atol=2e-6, rtol=1e-6)
+
+    plain = AutoModelForCausalLM.from_pretrained(policy_dir)  # transformers' own: the eight-operation GELU
+    fused = load_causal_lm(policy_dir)
+    assert any(type(m) is NewGELUActivation for m in plain.modules())
+    assert not any(type(m) is NewGELUActivation for m in fused.modules())
+    assert sum(type(m) is TanhGELU for m in fused.modules()) == plain.config.n_layer
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    for model in (plain, fused):
+        model(ids).logits.square().mean().backward()
+    torch.testing.assert_close(fused(ids).logits, plain(ids).logits, atol=1e-6, rtol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)

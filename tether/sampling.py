@@ -4,9 +4,10 @@ Hugging Face ``generate`` runs logits processors, stopping criteria and input pr
 step; this loop does only what tether's sampling needs: one forward of the new token through the trunk with the
 cache, the LM head on the last position only, temperature, top-k, top-p and min-new-tokens on float32 logits, and
 stop tokens handled in the loop (finished rows are filled with the first stop id;
-:func:`tether.rollout.mask_after_eos` turns them into padding). On a 135M model on a CPU a step is bound by reading
-the weights, and the two are level (BENCHMARKS.md); what the loop adds is what it records (:class:`Sampled`), which
-saves the policy's forward pass over the rollout.
+:func:`tether.rollout.mask_after_eos` turns them into padding). What it records (:class:`Sampled`) saves the
+policy's forward pass over the rollout. On the CPU in float32 (``fast_decoding``) the linear layers run from
+oneDNN-packed weights (:mod:`tether.prepack`) and Llama-family models through :class:`tether.decoding.LeanDecoder`
+with a static KV cache; elsewhere each step is the model's own ``transformers`` forward (:class:`TransformersSteps`).
 
 Each row draws its tokens by inverting the softmax's cumulative distribution at one uniform number that is a hash of
 ``(row key, step)``: the token whose interval of the cumulative sum (float64) holds ``u`` times the total. A row's

@@ -23,6 +23,7 @@ from tether.data import prompt_label, read_records, sft_batch, sft_examples
 from tether.models import (
     char_tokenizer,
     enable_gradient_checkpointing,
+    fuse_activations,
     load_causal_lm,
     load_tokenizer,
     model_inputs,
@@ -51,7 +52,8 @@ def initial_policy(config: RunConfig, texts: list[str], dtype: str | torch.dtype
     model_cfg = config.model
     if model_cfg.policy == "tiny":
         tokenizer = load_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else char_tokenizer("".join(texts))
-        policy = GPT2LMHeadModel(tiny_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
+        shape = tiny_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        policy = fuse_activations(GPT2LMHeadModel(shape))
         return policy, tokenizer
     tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.policy, model_cfg.trust_remote_code)
     return load_causal_lm(model_cfg.policy, dtype, model_cfg.trust_remote_code), tokenizer
