@@ -90,29 +90,35 @@ def _window(attention: nn.Module) -> int | None:
     return getattr(attention.config, "sliding_window", None)  # Mistral: the config's
 
 
+def _plain_linear(layer) -> bool:
+    """A plain ``nn.Linear`` (not LoRA-wrapped) with a float32 CPU weight."""
+    return type(layer) is nn.Linear and prepack.packable(layer.weight)
+
+
 def _plain_layer(layer: nn.Module, length: int) -> bool:
     """A decoder layer of plain float32 CPU linears and RMS norms, with full attention over ``length`` tokens."""
     attention, mlp = layer.self_attn, layer.mlp
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    linears = [getattr(attention, n, None) for n in names] + [
-        getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")
-    ]
-    if not all(type(m) is nn.Linear and prepack.packable(m.weight) for m in linears) or not hasattr(
-        attention, "scaling"
-    ):
-        return False
+    linears = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    linears += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     window = _window(attention)
-    return all(hasattr(n, "variance_epsilon") for n in norms) and (window is None or window >= length)
+    return (
+        all(_plain_linear(m) for m in linears)
+        and hasattr(attention, "scaling")
+        and all(hasattr(n, "variance_epsilon") for n in norms)
+        and (window is None or window >= length)
+    )
 
 
-def _supported(body: nn.Module, length: int) -> bool:
-    """Whether ``body`` is a trunk this module reproduces, for sequences of up to ``length`` tokens."""
+def _supported(model: nn.Module, length: int) -> bool:
+    """Whether ``model`` is one this module reproduces, for sequences of up to ``length`` tokens."""
+    body = trunk(model)
     if type(body).__name__ not in FAMILIES or not (_sdpa_has_gqa() and prepack.available()):
         return False
     if getattr(body.config, "hidden_act", None) != "silu" or not hasattr(body, "rotary_emb"):
         return False
-    return all(_plain_layer(layer, length) for layer in body.layers)
+    head = model.get_output_embeddings()
+    return _plain_linear(head) and all(_plain_layer(layer, length) for layer in body.layers)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -192,5 +198,4 @@ class LeanDecoder:
 
 def lean_decoder(model: nn.Module, batch: int, length: int) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``model``, or None when its architecture is not one this module reproduces."""
-    body = trunk(model)
-    return LeanDecoder(model, batch, length) if _supported(body, length) else None
+    return LeanDecoder(model, batch, length) if _supported(model, length) else None
