@@ -124,29 +124,22 @@ def cache_argument(body) -> str:
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
-def next_token_logits(model, ids, attention_mask, position_ids, cache):
-    """Logits (B, V) and the trunk's hidden state (B, d) at the last position, and the grown KV cache."""
-    body = trunk(model)
-    name = cache_argument(body)
-    out = body(
-        input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **{name: cache}
-    )
-    hidden = out.last_hidden_state[:, -1]
-    return model.get_output_embeddings()(hidden), hidden, out[name]
-
-
 class TransformersSteps:
     """Decoding through the model's own ``transformers`` forward and cache (the interface of LeanDecoder)."""
 
     def __init__(self, model):
-        self.model, self.cache, self.attention = model, None, None
+        self.model, self.body = model, trunk(model)
+        self.cache_name = cache_argument(self.body)  # looked up once, not at every step
+        self.cache, self.attention = None, None
 
     def forward(self, ids, positions, key_mask=None):
         """Logits (B, V) and hidden state (B, d) after ``ids`` at ``positions``; ``key_mask`` for the prompt."""
         ones = torch.ones_like(ids)
         self.attention = key_mask if self.attention is None else torch.cat([self.attention, ones], dim=1)
-        logits, hidden, self.cache = next_token_logits(self.model, ids, self.attention, positions, self.cache)
-        return logits, hidden
+        cache = {self.cache_name: self.cache}
+        out = self.body(input_ids=ids, attention_mask=self.attention, position_ids=positions, use_cache=True, **cache)
+        self.cache, hidden = out[self.cache_name], out.last_hidden_state[:, -1]
+        return self.model.get_output_embeddings()(hidden), hidden
 
 
 @dataclass
