@@ -105,3 +105,9 @@ def test_no_length_balanced_pair_is_one_line(tmp_path, policy_dir):
 def test_help_says_tiny_is_for_sft(capsys):
     assert run(["ppo", "--help"]) == 0
     assert "'tiny' (a new, untrained GPT-2) is only for tether sft" in capsys.readouterr().out
+
+
+def test_sample_names_a_bad_device(policy_dir):
+    assert_one_line(
+        tether("sample", policy_dir, "1+1=", "--device", "tpu"), "--device 'tpu': expected auto, cpu, cuda or cuda:N"
+    )

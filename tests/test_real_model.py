@@ -59,9 +59,11 @@ def test_two_ppo_iterations_on_smollm2_from_conversations(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     # the chat template was applied: the model answers instead of ending its turn at once
     assert all(r["response/length"] > 3 for r in rows)
-    # one small step away from the reference (iteration 1: zero up to float rounding, the sampler and the
-    # reference pass being different kernels)
-    assert all(-1e-4 < r["kl/ref"] < 1.0 for r in rows), [r["kl/ref"] for r in rows]
+    # iteration 1: zero up to float rounding (the sampler and the reference pass are different kernels: up to 4e-5
+    # per token); iteration 2: one small step away. kl/ref sums log pi - log ref over the sampled tokens, whose
+    # sample mean can come out below zero, so iteration 2 is bounded on both sides.
+    kl = [r["kl/ref"] for r in rows]
+    assert abs(kl[0]) < 1e-3 and abs(kl[1]) < 1.0, kl
     saved = tmp_path / "run/model"
     assert (saved / "model.safetensors").is_file() and (saved / "chat_template.jinja").is_file()
 

@@ -13,7 +13,7 @@ from tether.models import ActorCritic, load_causal_lm, model_inputs, reference_c
 from tether.precision import Placement
 from tether.rewards import FunctionScorer
 from tether.rollout import collect_rollout
-from tether.sampling import Sampling, draw, filter_logits, row_keys, sample, uniform_noise
+from tether.sampling import Sampling, decode_step, draw, filter_logits, row_keys, sample, uniform_noise
 
 PROMPTS = ["1+1=", "12*34+5=", "9-4=", "7+7=", "100-1="]
 
@@ -30,17 +30,18 @@ def test_noise_is_uniform_and_belongs_to_the_row_and_step():
 
 def test_draws_follow_the_softmax_and_never_a_filtered_token():
     logits = torch.tensor([2.0, float("-inf"), 1.0, 0.0, float("-inf"), -1.0, -30.0, float("-inf")])
-    tokens = draw(logits.expand(40_000, 8), row_keys(1, 0, range(40_000)), step=0)
+    tokens = draw(logits.softmax(-1).expand(40_000, 8), row_keys(1, 0, range(40_000)), step=0)
     freq = torch.bincount(tokens, minlength=8).float() / 40_000
     torch.testing.assert_close(freq, logits.softmax(-1), atol=0.01, rtol=0)
     assert freq[[1, 4, 7]].sum() == 0
 
 
 def test_draw_by_hand():
-    """Inverse CDF: probabilities 0.5, 0.25, 0.25 split (0, 1) at 0.5 and 0.75; u picks the interval it falls in."""
-    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    """Inverse CDF: weights 2, 1, 1 (probabilities 0.5, 0.25, 0.25) split (0, 1) at 0.5 and 0.75; u picks the
+    interval it falls in."""
+    weights = torch.tensor([[2.0, 1.0, 1.0]])  # need not sum to one
     keys = row_keys(0, 0, range(2000))
-    u, tokens = uniform_noise(keys, 4), draw(logits.expand(2000, 3), keys, 4)
+    u, tokens = uniform_noise(keys, 4), draw(weights.expand(2000, 3), keys, 4)
     expected = (u > 0.5).long() + (u > 0.75).long()
     assert torch.equal(tokens, expected)
 
@@ -56,13 +57,42 @@ def test_filters_by_hand():
     torch.testing.assert_close(filter_logits(logits, Sampling(1, temperature=0.5)), logits / 0.5)
 
 
+@pytest.mark.parametrize(
+    "sampling", [Sampling(1), Sampling(1, temperature=0.7), Sampling(1, 0.7, top_k=5), Sampling(1, top_p=0.6)]
+)
+@pytest.mark.parametrize("banned", [None, torch.tensor([0, 3])])
+def test_decode_step_against_the_separate_functions(sampling, banned):
+    """One step's draw, log-softmax and entropy against filter/softmax/draw and the PPO update's own functions."""
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 2
+    keys = row_keys(3, 1, range(64))
+    tokens, logp, entropy = decode_step(logits, sampling, keys, 5, banned, record=True)
+    allowed = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
+    expected = draw(filter_logits(allowed, sampling).softmax(-1), keys, 5)
+    assert torch.equal(tokens, expected)
+    if banned is not None:
+        assert not torch.isin(tokens, banned).any()
+    scaled = (logits / sampling.temperature)[:, None]
+    torch.testing.assert_close(logp.gather(-1, tokens[:, None]), logprobs_from_logits(scaled, tokens[:, None]))
+    torch.testing.assert_close(entropy, entropy_from_logits(scaled)[:, 0])
+    assert decode_step(logits, sampling, keys, 5, banned)[1:] == (None, None)
+    assert torch.equal(decode_step(logits, sampling, keys, 5, banned)[0], tokens)
+
+
+def test_decode_step_entropy_by_hand_and_with_filtered_logits():
+    """p = (0.5, 0.25, 0.25, 0): H = 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2; a -inf logit adds nothing."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25, 0.0]]))
+    _, logp, entropy = decode_step(logits, Sampling(1), row_keys(0, 0, [0]), 0, record=True)
+    torch.testing.assert_close(entropy, torch.tensor([1.5 * math.log(2)]))
+    torch.testing.assert_close(logp[0, :3].exp(), torch.tensor([0.5, 0.25, 0.25]))
+
+
 def naive_sample(model, ids, mask, sampling, keys, eos):
     """Reference: no cache, the whole sequence through the model at every step, the same noise, EOS masked."""
     tokens = []
     for step in range(sampling.max_new_tokens):
         logits = model(**model_inputs(ids, mask, eos)).logits[:, -1].float()
         logits[:, eos] = float("-inf")
-        token = draw(filter_logits(logits, sampling), keys, step)
+        token = draw(filter_logits(logits, sampling).softmax(-1), keys, step)
         tokens.append(token)
         ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return torch.stack(tokens, 1)

@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument(
         "--no-chat-template", action="store_true", help="give the prompts as raw text, not as a user message"
     )
@@ -277,16 +278,18 @@ def _sample(args) -> int:
 
     from tether.data import prompt_batch
     from tether.models import load_causal_lm, load_tokenizer
+    from tether.precision import Placement, resolve_device
     from tether.rewards import decode_responses
     from tether.rollout import Sampling, generate, stop_ids
 
+    placement = Placement(resolve_device(args.device, "--device"))
     tokenizer = load_tokenizer(args.model)
-    policy = load_causal_lm(args.model)
+    policy = placement.frozen(load_causal_lm(args.model))
     torch.manual_seed(args.seed)
     chat = bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
     texts = [p for p in args.prompts for _ in range(args.num)]
     prompts = [[{"role": "user", "content": p}] for p in texts] if chat else texts
-    ids, mask = prompt_batch(tokenizer, prompts, 1024)
+    ids, mask = map(placement.move, prompt_batch(tokenizer, prompts, 1024))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     stops = stop_ids(tokenizer, policy)
     resp, resp_mask = generate(policy, ids, mask, sampling, stops, tokenizer.pad_token_id)

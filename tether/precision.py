@@ -63,9 +63,9 @@ def reuse_freed_memory() -> bool:
     )
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", field: str = "model.device") -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else is passed to torch.device. Under torchrun, 'auto' and
-    'cuda' mean this process's GPU, ``cuda:LOCAL_RANK``."""
+    'cuda' mean this process's GPU, ``cuda:LOCAL_RANK``. Errors name the setting as ``field``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and launched_processes() > 1:
@@ -73,11 +73,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise TetherError(f"model.device '{name}': expected auto, cpu, cuda or cuda:N") from None
+        raise TetherError(f"{field} '{name}': expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TetherError(f"model.device '{name}': torch finds no CUDA device here (use auto or cpu)")
+        raise TetherError(f"{field} '{name}': torch finds no CUDA device here (use auto or cpu)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise TetherError(f"model.device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise TetherError(f"{field} '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

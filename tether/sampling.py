@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.algo import entropy_from_logits, logprobs_from_logits
 from tether.decoding import lean_decoder
 from tether.models import model_inputs, trunk
 from tether.prepack import cpu_autocast, prepacked_linears
@@ -112,11 +111,36 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return logits
 
 
-def draw(logits: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
-    """(B,) token ids sampled from softmax(``logits``) by inverting its cumulative sum at each row's uniform."""
-    cumulative = logits.softmax(-1).double().cumsum(-1)
+def draw(weights: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """(B,) token ids drawn in proportion to the non-negative ``weights`` (B, V), by inverting each row's cumulative
+    sum (float64) at its uniform times the row's total: the weights need not sum to one."""
+    cumulative = torch.cumsum(weights, -1, dtype=torch.float64)
     target = uniform_noise(keys, step) * cumulative[:, -1]
-    return torch.searchsorted(cumulative, target[:, None])[:, 0].clamp_(max=logits.shape[-1] - 1)
+    return torch.searchsorted(cumulative, target[:, None])[:, 0].clamp_(max=weights.shape[-1] - 1)
+
+
+def decode_step(logits, sampling: Sampling, keys, step: int, banned=None, record: bool = False):
+    """One decoding step's ``(tokens, log_softmax, entropy)`` from the (B, V) logits at the last position.
+
+    The tokens are drawn from the temperature-scaled softmax after top-k and top-p, never one of the ``banned`` ids
+    (the stop tokens before ``min_new_tokens``). With ``record``, the (B, V) log-softmax and (B,) entropy of the
+    temperature-scaled logits before the filters (as PPO's update computes them); else None. Without filters the
+    draw and the entropy share one softmax: the vocabulary is read a handful of times per step, not a dozen.
+    """
+    scaled = logits.float() if sampling.temperature == 1.0 else logits.float() / sampling.temperature
+    filtered = 0 < sampling.top_k < logits.shape[-1] or sampling.top_p < 1.0
+    probs = scaled.softmax(-1) if record or not filtered else None
+    if filtered:
+        allowed = logits.float() if banned is None else logits.float().index_fill(-1, banned, float("-inf"))
+        weights = filter_logits(allowed, sampling).softmax(-1)
+    else:
+        weights = probs if banned is None else probs.index_fill(-1, banned, 0.0)
+    tokens = draw(weights, keys, step)
+    if not record:
+        return tokens, None, None
+    logp = scaled.log_softmax(-1)
+    entropy = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # -inf logits: p = 0, adds 0
+    return tokens, logp, entropy
 
 
 def cache_argument(body) -> str:
@@ -197,15 +221,13 @@ def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[st
     with autocast():
         logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
     for step in range(sampling.max_new_tokens):
-        logits = allowed = logits.float()
-        if step < sampling.min_new_tokens:
-            allowed = logits.index_fill(-1, stop_ids, float("-inf"))
-        token = draw(filter_logits(allowed, sampling), keys, step).masked_fill(done, stops[0])
+        banned = stop_ids if step < sampling.min_new_tokens else None
+        token, logp, entropy = decode_step(logits, sampling, keys, step, banned, record)
+        token = token.masked_fill(done, stops[0])
         steps["tokens"].append(token)
         if record:
-            scaled = logits[:, None] / sampling.temperature
-            steps["logprobs"].append(logprobs_from_logits(scaled, token[:, None])[:, 0])
-            steps["entropy"].append(entropy_from_logits(scaled)[:, 0])
+            steps["logprobs"].append(logp.gather(-1, token[:, None])[:, 0])
+            steps["entropy"].append(entropy)
             steps["hidden"].append(hidden)
         done |= torch.isin(token, stop_ids)
         if step + 1 == sampling.max_new_tokens or bool(done.all()):
