@@ -150,7 +150,7 @@ def enable_gradient_checkpointing(enabled: bool, *models: nn.Module | None) -> N
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _from_pretrained(
+def load_pretrained(
     auto_class, path: str, what: str, dtype: str | torch.dtype, trust_remote_code: bool, **kwargs
 ) -> nn.Module:
     """``auto_class.from_pretrained`` on what ``path`` names, dropout off; errors name ``what``.
@@ -210,12 +210,12 @@ def _gguf_kwargs(gguf_file: str) -> dict:
 
 def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
     """Load a causal LM (a folder of safetensors weights, a ``.gguf`` file or a Hub repo id) with dropout off."""
-    return _from_pretrained(AutoModelForCausalLM, path, "policy", dtype, trust_remote_code)
+    return load_pretrained(AutoModelForCausalLM, path, "policy", dtype, trust_remote_code)
 
 
 def load_reward_model(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
     """Load a sequence-classification model with one output (a reward model): a folder or a Hub repo id."""
-    model = _from_pretrained(AutoModelForSequenceClassification, path, "reward model", dtype, trust_remote_code)
+    model = load_pretrained(AutoModelForSequenceClassification, path, "reward model", dtype, trust_remote_code)
     if model.config.num_labels != 1:
         raise TetherError(f"reward model '{path}': expected num_labels=1, found {model.config.num_labels}")
     return model
@@ -228,7 +228,7 @@ def new_scalar_model(path: str, dtype: str | torch.dtype = "float32", trust_remo
 
     A fresh head is drawn from N(0, 1/sqrt(d_model + 1)) (ppo_details #2).
     """
-    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", dtype, trust_remote_code, num_labels=1)
+    model = load_pretrained(AutoModelForSequenceClassification, path, "model", dtype, trust_remote_code, num_labels=1)
     head = model.score
     nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     if head.bias is not None:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from tether.errors import TetherError
 from tether.legacy.errors import LegacyValueError
-from tether.models import DTYPES, _from_pretrained, is_peft_model
+from tether.models import DTYPES, is_peft_model, load_pretrained
 from tether.sources import resolve
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -134,7 +134,7 @@ def load_language_model(path, request: LoadRequest) -> tuple[nn.Module, Path | N
     shown = str(folder) if folder is not None else str(path)
     dtype = torch_dtype(request.dtype, folder)
     try:
-        model = _from_pretrained(
+        model = load_pretrained(
             AutoModelForCausalLM, shown, "policy", dtype, request.trust_remote_code, **request.hf_kwargs
         )
     except TetherError as e:  # not a causal-LM folder, no weights, ...: a ValueError, as transformers raised
