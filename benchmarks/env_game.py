@@ -135,18 +135,22 @@ def main() -> None:
         return game_metrics(trainer, rollout)
 
     trainer.train(all_prompts(), out / "ppo", echo=lambda *_: None, on_step=on_step)
-    # 5. every player at both levels
+    events = json.loads((out / "ppo/summary.json").read_text()).get("events", [])
+    for event in events:  # e.g. the KL guard stopping the run: reported, and the table says what PPO played
+        print(f"PPO {event['kind']} at iteration {event['iteration']}: {event.get('evidence', '')}")
+    # 5. every player at both levels (PPO before the change only if the run got there)
     players = {
         "sft": sft,
         "dpo_before": load_causal_lm(str(dpo_dirs[1])).eval(),
         "dpo_after": load_causal_lm(str(dpo_dirs[2])).eval(),
-        "ppo_before": before["policy"],
+        **({"ppo_before": before["policy"]} if "policy" in before else {}),
         "ppo_after": trainer.actor_critic.policy.eval(),
     }
     results = {
         k: {f"level{lv}": play(p, tokenizer, lv, seed=args.seed + 9) for lv in (1, 2)} for k, p in players.items()
     }
-    summary = {"seed": args.seed, "change_at": CHANGE, "players": results, "wall_seconds": time.time() - start}
+    summary = {"seed": args.seed, "change_at": CHANGE, "players": results, "ppo_events": events}
+    summary["wall_seconds"] = time.time() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(results))
     print(f"wall time {summary['wall_seconds']:.0f} s")
@@ -158,7 +162,7 @@ NAMES = {
     "dpo_before": "DPO on pairs from level 1 (before the change)",
     "dpo_after": "DPO on pairs re-collected at level 2 (control)",
     "ppo_before": f"PPO at iteration {CHANGE} (before the change)",
-    "ppo_after": "PPO at its last iteration",
+    "ppo_after": "PPO at its last iteration (or what the KL guard restored, if it stopped the run)",
 }
 LINES = [  # (player, colour, style, label, levels drawn): evaluations drawn over the iterations of their level
     ("sft", "0.5", "--", "SFT (rule A)", (1, 2)),
