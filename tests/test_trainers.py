@@ -121,6 +121,29 @@ def test_separate_critic_from_the_reward_model(tiny_ppo_args, tmp_path, device):
     assert torch.equal(trainer.scorer.model.score.weight, rm_head)
 
 
+def test_a_separate_critic_after_the_policy_gives_the_gradients_of_the_summed_loss(
+    tiny_ppo_args, tmp_path, device, monkeypatch
+):
+    """On one process the critic's forward and backward run after the policy's backward (its activations freed):
+    the gradients are those of one backward of pg_loss + vf_coef * vf_loss."""
+    config = ppo_config(tiny_ppo_args, tmp_path, "model.value_model=separate", "ppo.vf_coef=0.3", device=device)
+    trainer = PPOTrainer.from_config(config)
+    assert trainer.split_backward
+    rollout = trainer.compute_advantages(trainer.compute_rewards(trainer.rollout(PROMPTS[:4])))
+    num_tokens = rollout.response_mask.sum().float()
+    grads, stats = {}, {}
+    for split in (True, False):
+        monkeypatch.setattr(PPOTrainer, "split_backward", property(lambda self, split=split: split))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        stats[split] = trainer.micro_step(rollout, rollout.prompt_ids.shape[1], num_tokens)
+        grads[split] = {n: p.grad.clone() for n, p in trainer.actor_critic.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(n.startswith("policy.") for n in grads[True]) and any(n.startswith("critic.") for n in grads[True])
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=1e-6, atol=1e-9, msg=name)
+    assert stats[True] == pytest.approx(stats[False], rel=1e-6, abs=1e-9)
+
+
 def test_sft_learns_and_saves(policy_dir, tmp_path, device):
     records = [{"prompt": p, "response": "42"} for p in PROMPTS]
     write_jsonl(tmp_path / "sft.jsonl", records)

@@ -125,7 +125,7 @@ class LegacyEngine(CorePPOTrainer):
                 group["lr"] *= self.lr_scale / self._lr_scale_applied
             self._lr_scale_applied = self.lr_scale
 
-    def weigh_losses(self, pg_loss, vf_loss, new_logprobs, micro: Rollout):
+    def loss_weight(self, new_logprobs, micro: Rollout) -> float:
         """A minibatch (TRL's name for the micro-batch) whose mean ratio exceeds ``ratio_threshold`` contributes a
         zero loss, as TRL did."""
         mask = micro.response_mask.float()
@@ -137,8 +137,8 @@ class LegacyEngine(CorePPOTrainer):
                 f"{self.legacy.ratio_threshold:.2f}; skipping it (zero loss), as TRL did",
                 stacklevel=3,
             )
-            return pg_loss * 0.0, vf_loss * 0.0
-        return pg_loss, vf_loss
+            return 0.0
+        return 1.0
 
     def micro_extras(self, new_logprobs, new_values, micro: Rollout) -> dict[str, float]:
         """TRL's update statistics of a micro-batch; keeps its ratios and policy KL for ``step`` and early stopping."""
