@@ -21,6 +21,8 @@ from tether.types import Rollout
 
 
 class PPOUpdate:
+    """The update's methods (the trainer holds ``cfg``, ``model``, ``actor_critic``, ``optimizer``, ``guards``)."""
+
     def optimize(self, rollout: Rollout) -> dict[str, float]:
         """ppo_epochs passes over the rollout in random minibatches; one optimizer step per minibatch.
 
