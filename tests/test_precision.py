@@ -122,7 +122,7 @@ def test_no_warning_when_bf16_weights_can_take_the_step(policy_dir, reward_dir, 
 def test_autocast_runs_the_forward_in_bf16_and_the_ppo_maths_in_float32(
     policy_dir, reward_dir, tmp_path, monkeypatch, device
 ):
-    import tether.trainers.ppo as ppo
+    import tether.trainers.update as update
 
     overrides = ["model.dtype=bfloat16", f"model.device={device}"]
     trainer = PPOTrainer.from_config(
@@ -132,13 +132,13 @@ def test_autocast_runs_the_forward_in_bf16_and_the_ppo_maths_in_float32(
     trainer.actor_critic.policy.transformer.h[0].mlp.c_fc.register_forward_hook(
         lambda module, inputs, out: matmuls.add(out.dtype)
     )
-    policy_loss = ppo.ppo_policy_loss
+    policy_loss = update.ppo_policy_loss
 
     def spy(new_logprobs, logprobs, advantages, *args, **kwargs):
         losses.append((new_logprobs.dtype, logprobs.dtype, advantages.dtype))
         return policy_loss(new_logprobs, logprobs, advantages, *args, **kwargs)
 
-    monkeypatch.setattr(ppo, "ppo_policy_loss", spy)
+    monkeypatch.setattr(update, "ppo_policy_loss", spy)
     rollout = trainer.rollout(PROMPTS)
     assert matmuls == {torch.bfloat16}  # sampling and scoring ran under autocast
     assert rollout.logprobs.dtype == rollout.ref_logprobs.dtype == rollout.values.dtype == torch.float32

@@ -304,6 +304,7 @@ def _labelled(label: str, text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    code = None
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except TetherError as e:
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         print("tether: interrupted", file=sys.stderr)
         code = 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(sync=code == 0)
     sys.exit(code)
 
 

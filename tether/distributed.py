@@ -59,9 +59,12 @@ def init(backend: str = "auto", device_type: str = "cpu", timeout_minutes: float
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command)."""
+def shutdown(sync: bool = False) -> None:
+    """Leave the process group (at the end of a command). ``sync`` (a command that ended normally, on every process)
+    waits for all of them first, so that none tears its connections down while another is still using them."""
     if dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
