@@ -97,7 +97,11 @@ def uniform_noise(keys: torch.Tensor, step: int) -> torch.Tensor:
 
 def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Temperature-scaled float32 logits with everything outside top-k and the top-p nucleus set to -inf."""
-    logits = logits.float() / sampling.temperature
+    return keep_top(logits.float() / sampling.temperature, sampling)
+
+
+def keep_top(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """``logits`` (already scaled) with everything outside top-k and the top-p nucleus set to -inf."""
     vocab = logits.shape[-1]
     if 0 < sampling.top_k < vocab:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
@@ -131,8 +135,8 @@ def decode_step(logits, sampling: Sampling, keys, step: int, banned=None, record
     filtered = 0 < sampling.top_k < logits.shape[-1] or sampling.top_p < 1.0
     probs = scaled.softmax(-1) if record or not filtered else None
     if filtered:
-        allowed = logits.float() if banned is None else logits.float().index_fill(-1, banned, float("-inf"))
-        weights = filter_logits(allowed, sampling).softmax(-1)
+        allowed = scaled if banned is None else scaled.index_fill(-1, banned, float("-inf"))
+        weights = keep_top(allowed, sampling).softmax(-1)
     else:
         weights = probs if banned is None else probs.index_fill(-1, banned, 0.0)
     tokens = draw(weights, keys, step)

@@ -39,9 +39,7 @@ from tether.envs import make_envs
 from tether.envs.episodes import collect_episodes, episode_stats
 from tether.errors import Interrupted, TetherError
 from tether.guards import GuardState, collapse_stats, sanitize_scores
-from tether.models import (
-    ActorCritic,
-)
+from tether.models import ActorCritic
 from tether.precision import Placement, peak_memory_gib
 from tether.metrics import rollout_stats
 from tether.rewards import RunningMoments, decode_responses, transform_scores
