@@ -297,7 +297,7 @@ class ActorCritic(nn.Module):
     def forward(self, sequence_ids, attention_mask, prompt_length: int, temperature: float, fill_id: int):
         hidden = hidden_states(self.policy, sequence_ids, attention_mask, fill_id)
         response_hidden = hidden[:, prompt_length - 1 : -1]
-        logits = self.policy.get_output_embeddings()(response_hidden).float() / temperature
+        logits = head_logits(self.policy, response_hidden, temperature)
         return logits, self.values(sequence_ids, attention_mask, prompt_length, fill_id, response_hidden)
 
     def values(self, sequence_ids, attention_mask, prompt_length: int, fill_id: int, response_hidden):
@@ -321,7 +321,16 @@ def reference_copy(policy: nn.Module) -> nn.Module:
 def response_logits(model: nn.Module, sequence_ids, attention_mask, prompt_length: int, temperature: float, fill_id):
     """Temperature-scaled logits (B, T, V) of a causal LM at the positions that predict the response tokens."""
     hidden = hidden_states(model, sequence_ids, attention_mask, fill_id)[:, prompt_length - 1 : -1]
-    return model.get_output_embeddings()(hidden).float() / temperature
+    return head_logits(model, hidden, temperature)
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A causal LM head's float32 logits at ``hidden`` (B, T, d), divided by ``temperature`` unless it is 1.
+
+    ``hidden`` is made contiguous first: given a strided slice, a frozen head's multiply broadcasts its weight into a
+    batched one (the reference's head at half the speed)."""
+    logits = model.get_output_embeddings()(hidden.contiguous()).float()
+    return logits if temperature == 1 else logits / temperature
 
 
 # ---- LoRA (peft) ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 import torch
-from tether.algo import entropy_from_logits, logprobs_from_logits
+from tether.algo import logprobs_and_entropy, logprobs_from_logits
 from tether.models import ActorCritic, gather_ids, response_logits
 from tether.sampling import Sampled, Sampling, sample
 from tether.types import Rollout
@@ -111,8 +111,9 @@ def score_tokens(
                 values = actor_critic.values(ids, mask, prompt_length, fill_id, sampled.hidden[rows])
             ref_logits = response_logits(reference, ids, mask, prompt_length, temperature, fill_id)
         if sampled is None:
-            outs["logprobs"].append(logprobs_from_logits(logits, resp))
-            outs["entropy"].append(entropy_from_logits(logits))
+            logprobs, entropy = logprobs_and_entropy(logits, resp)
+            outs["logprobs"].append(logprobs)
+            outs["entropy"].append(entropy)
         else:
             outs["logprobs"].append(sampled.logprobs[rows])
             outs["entropy"].append(sampled.entropy[rows])

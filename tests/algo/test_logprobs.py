@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from tether.algo import entropy_from_logits, logprobs_from_logits
+import tether.algo.logprobs as logprobs_module
+from tether.algo import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 
 
 def random_logits(shape=(3, 5, 11), seed=0, dtype=torch.float64):
@@ -84,3 +85,41 @@ def test_gradient_is_onehot_minus_softmax_and_input_not_mutated():
     torch.testing.assert_close(leaf.grad, expected)
     entropy_from_logits(logits)
     assert torch.equal(logits, before)
+
+
+def test_logprobs_and_entropy_in_one_pass_match_the_separate_functions():
+    logits, tokens = random_logits(seed=3)
+    leaf = logits.clone().requires_grad_(True)
+    logp, ent = logprobs_and_entropy(leaf, tokens)
+    torch.testing.assert_close(logp, logprobs_from_logits(logits, tokens))
+    torch.testing.assert_close(ent, entropy_from_logits(logits))
+    assert logp.requires_grad and not ent.requires_grad  # the entropy is a statistic here, not a loss term
+    weights = torch.randn(tokens.shape, dtype=torch.float64)
+    (logp * weights).sum().backward()
+    naive = logits.clone().requires_grad_(True)
+    (torch.log_softmax(naive, -1).gather(-1, tokens[..., None]).squeeze(-1) * weights).sum().backward()
+    torch.testing.assert_close(leaf.grad, naive.grad)
+
+
+def test_gradcheck_of_the_blockwise_backward():
+    logits, tokens = random_logits(shape=(2, 3, 5), seed=4)
+    leaf = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, tokens), (leaf,))
+    assert torch.autograd.gradcheck(entropy_from_logits, (leaf,))
+
+
+@pytest.mark.parametrize("block", [1, 11, 23, 10**9])  # under one row, one row, two rows, everything at once
+def test_results_do_not_depend_on_the_block_size(monkeypatch, block):
+    logits, tokens = random_logits(shape=(3, 5, 11), seed=5, dtype=torch.float32)
+    monkeypatch.setattr(logprobs_module, "CHUNK_ELEMENTS", 10**9)
+    whole = logits.clone().requires_grad_(True)
+    logp, ent = logprobs_and_entropy(whole, tokens)
+    logp.sum().backward()
+    monkeypatch.setattr(logprobs_module, "CHUNK_ELEMENTS", block)
+    split = logits.clone().requires_grad_(True)
+    logp_b, ent_b = logprobs_and_entropy(split, tokens)
+    logp_b.sum().backward()
+    torch.testing.assert_close(logp_b, logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent_b, ent, rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy_from_logits(logits), ent, rtol=0, atol=1e-6)
+    torch.testing.assert_close(split.grad, whole.grad, rtol=0, atol=1e-6)

@@ -15,7 +15,7 @@ from tether.algo.kl import (
     kl_controller,
     kl_penalty,
 )
-from tether.algo.logprobs import entropy_from_logits, logprobs_from_logits
+from tether.algo.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from tether.algo.losses import pairwise_reward_loss, ppo_policy_loss, ppo_value_loss
 from tether.algo.masked import exact_div, explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 from tether.algo.rewards import last_token_index, shape_rewards
@@ -34,6 +34,7 @@ __all__ = [
     "explained_variance",
     "kl_penalty",
     "last_token_index",
+    "logprobs_and_entropy",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

@@ -1,9 +1,12 @@
 """Token log-probabilities and entropies from logits, without materialising a full log-softmax.
 
-``log p(token) = z[token] - logsumexp(z)`` and the entropy of ``softmax(z)`` is ``H = logsumexp(z) - sum p * z``
-(the ``ppo/policy/entropy`` of OpenAI's lm-human-preferences, Ziegler et al. 2019). Logits in half precision
-(float16 / bfloat16) are upcast to float32 one batch row at a time, so peak extra memory is one row's (T, V)
-float32 copy rather than the whole (B, T, V) tensor, and results are returned in float32.
+``log p(token) = log_softmax(z)[token]`` and the entropy of ``softmax(z)`` is ``H = -sum p log p`` (the
+``ppo/policy/entropy`` of OpenAI's lm-human-preferences, Ziegler et al. 2019). Both walk the logits a block of rows
+at a time (about :data:`CHUNK_ELEMENTS` values), so the passes over a block find it in the CPU's cache instead of
+main memory, and no (B, T, V) temporary is made: the log-probs' backward writes ``g (onehot - softmax(z))`` straight
+into the gradient. :func:`logprobs_and_entropy` gives both from one log-softmax per block. Logits in half precision
+(float16 / bfloat16) are upcast to float32 one batch row at a time, so peak extra memory is one row's (T, V) float32
+copy rather than the whole (B, T, V) tensor, and results are returned in float32.
 
 Notation: B = batch, T = response length, V = vocabulary size. Temperature scaling, if any, must be applied to the
 logits by the caller (the same temperature as at sampling time).
@@ -11,32 +14,61 @@ logits by the caller (the same temperature as at sampling time).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-__all__ = ["logprobs_from_logits", "entropy_from_logits"]
+__all__ = ["logprobs_from_logits", "entropy_from_logits", "logprobs_and_entropy"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+CHUNK_ELEMENTS = 1 << 20  # logits per block of rows (4 MiB in float32); at least one row
 
 
-def _per_row_in_fp32(fn: Callable[..., torch.Tensor], logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn`` to float logits; half-precision logits are upcast one leading-dim row at a time."""
-    if logits.dtype not in _LOW_PRECISION:
-        return fn(logits, *rest)
-    rows = [fn(logits[i].float(), *(x[i] for x in rest)) for i in range(logits.shape[0])]
-    return torch.stack(rows) if rows else logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+def _blocks(rows: int, width: int) -> list[slice]:
+    """Row ranges of about ``CHUNK_ELEMENTS`` values each."""
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+def _entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """``-sum p log p`` over the last dim of log-probs; -inf entries (filtered tokens, p = 0) contribute 0."""
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    probs = torch.softmax(logits, dim=-1)
-    finite = logits.clamp(min=torch.finfo(logits.dtype).min)  # -inf logits (filtered vocab) have p = 0: 0 * min = 0
-    return torch.logsumexp(logits, dim=-1) - (probs * finite).sum(-1)
+class _TokenLogprobs(torch.autograd.Function):
+    """(N,) log-probs of ``tokens`` under (N, V) ``logits`` and, if asked, their (N,) entropies (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
+        picked = logits.new_empty(logits.shape[0])
+        entropy = logits.new_empty(logits.shape[0] if with_entropy else 0)
+        for rows in _blocks(*logits.shape):
+            logp = torch.log_softmax(logits[rows], -1)
+            picked[rows] = logp.gather(-1, tokens[rows, None]).squeeze(-1)
+            if with_entropy:
+                entropy[rows] = _entropy_of(logp)
+        ctx.save_for_backward(logits, tokens)
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        logits, tokens = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for rows in _blocks(*logits.shape):
+            torch.mul(torch.softmax(logits[rows], -1), -grad[rows, None], out=out[rows])
+        return out.scatter_add_(-1, tokens[:, None], grad[:, None].to(out.dtype)), None, None
+
+
+def _per_row_in_fp32(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
+    """(log-probs, entropies) of (..., V) logits; half-precision logits are upcast one leading-dim row at a time."""
+    if logits.dtype in _LOW_PRECISION:
+        rows = [_per_row_in_fp32(logits[i].float(), tokens[i], with_entropy) for i in range(logits.shape[0])]
+        if not rows:
+            empty = logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+            return empty, empty
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, entropy = _TokenLogprobs.apply(flat, tokens.reshape(-1).long(), with_entropy)
+    return logp.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else entropy
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -51,13 +83,22 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     Returns:
         (B, T) log-probs; float32 if ``logits`` is float16/bfloat16, else the dtype of ``logits``.
     """
-    return _per_row_in_fp32(_token_logprobs, logits, tokens)
+    return _per_row_in_fp32(logits, tokens, False)[0]
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logprobs_from_logits` (differentiable) and :func:`entropy_from_logits` (not), in one pass.
+
+    Returns:
+        ((B, T) log-probs, (B, T) entropies), float32 for float16/bfloat16 logits.
+    """
+    return _per_row_in_fp32(logits, tokens, True)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution ``softmax(logits)`` at each position, in nats.
 
-    ``H = logsumexp(z) - sum(softmax(z) * z)``. Logits of -inf (filtered tokens) are allowed and contribute 0.
+    ``H = -sum p log p``. Logits of -inf (filtered tokens) are allowed and contribute 0. Differentiable.
 
     Args:
         logits: (B, T, V) logits.
@@ -65,4 +106,9 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, T) entropies; float32 if ``logits`` is float16/bfloat16, else the dtype of ``logits``.
     """
-    return _per_row_in_fp32(_entropy, logits)
+    if logits.dtype in _LOW_PRECISION:
+        rows = [entropy_from_logits(logits[i].float()) for i in range(logits.shape[0])]
+        return torch.stack(rows) if rows else logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = [_entropy_of(torch.log_softmax(flat[rows], -1)) for rows in _blocks(*flat.shape)]
+    return torch.cat(parts).view(logits.shape[:-1]) if parts else flat.new_zeros(logits.shape[:-1])

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from tether import distributed
-from tether.algo import entropy_from_logits, logprobs_from_logits, masked_mean, ppo_policy_loss, ppo_value_loss
+from tether.algo import logprobs_and_entropy, masked_mean, ppo_policy_loss, ppo_value_loss
 from tether.models import gather_ids, response_logits
 from tether.trainers.common import batches, lr_factor, set_lr
 from tether.types import Rollout
@@ -111,7 +111,7 @@ class PPOUpdate:
             else:
                 logits, new_values = self.model(*args, self.sampling.temperature, self.fill_id)
         mask = micro.response_mask.float()
-        new_logprobs = logprobs_from_logits(logits, gather_ids(micro.response_ids, mask, self.fill_id))
+        new_logprobs, entropy = logprobs_and_entropy(logits, gather_ids(micro.response_ids, mask, self.fill_id))
         pg_loss, pg_stats = ppo_policy_loss(
             new_logprobs, micro.logprobs, micro.advantages, mask, self.cfg.clip_range, loss_denominator=num_tokens
         )
@@ -128,7 +128,7 @@ class PPOUpdate:
         loss = pg_loss + self.cfg.vf_coef * vf_loss
         ((self.cfg.vf_coef * vf_loss if split else loss) * world).backward()  # DDP averages over the processes
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits), mask)
+            entropy = masked_mean(entropy, mask)
             extra = self.micro_extras(new_logprobs, new_values, micro)
         scale = num_tokens.item() / max(mask.sum().item(), 1.0)  # per-token means of this micro-batch
         return {
