@@ -123,3 +123,17 @@ def test_results_do_not_depend_on_the_block_size(monkeypatch, block):
     torch.testing.assert_close(ent_b, ent, rtol=0, atol=1e-6)
     torch.testing.assert_close(entropy_from_logits(logits), ent, rtol=0, atol=1e-6)
     torch.testing.assert_close(split.grad, whole.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_same_numbers_as_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(logprobs_module, "DEVICE_CHUNK_ELEMENTS", 23)  # several blocks on the GPU too
+    logits, tokens = random_logits(shape=(3, 5, 11), seed=6, dtype=torch.float32)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaf = logits.to(device).requires_grad_(True)
+        logp, ent = logprobs_and_entropy(leaf, tokens.to(device))
+        logp.sum().backward()
+        results.append([t.detach().cpu() for t in (logp, ent, leaf.grad)])
+    for cpu, gpu in zip(*results):
+        torch.testing.assert_close(gpu, cpu)

@@ -19,12 +19,16 @@ import torch
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "logprobs_and_entropy"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-CHUNK_ELEMENTS = 1 << 20  # logits per block of rows (4 MiB in float32); at least one row
+CHUNK_ELEMENTS = 1 << 20  # logits per block of rows on the CPU (4 MiB in float32: the cache); at least one row
+DEVICE_CHUNK_ELEMENTS = 1 << 26  # elsewhere (a GPU): big blocks, few kernel launches, a bounded temporary
 
 
-def _blocks(rows: int, width: int) -> list[slice]:
-    """Row ranges of about ``CHUNK_ELEMENTS`` values each."""
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+def _blocks(logits: torch.Tensor) -> list[slice]:
+    """Row ranges of (N, V) ``logits`` of about ``CHUNK_ELEMENTS`` values each (``DEVICE_CHUNK_ELEMENTS`` off the
+    CPU)."""
+    rows, width = logits.shape
+    size = CHUNK_ELEMENTS if logits.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    step = max(1, size // max(width, 1))
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
@@ -40,7 +44,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
         picked = logits.new_empty(logits.shape[0])
         entropy = logits.new_empty(logits.shape[0] if with_entropy else 0)
-        for rows in _blocks(*logits.shape):
+        for rows in _blocks(logits):
             logp = torch.log_softmax(logits[rows], -1)
             picked[rows] = logp.gather(-1, tokens[rows, None]).squeeze(-1)
             if with_entropy:
@@ -53,7 +57,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, _):
         logits, tokens = ctx.saved_tensors
         out = torch.empty_like(logits)
-        for rows in _blocks(*logits.shape):
+        for rows in _blocks(logits):
             torch.mul(torch.softmax(logits[rows], -1), -grad[rows, None], out=out[rows])
         return out.scatter_add_(-1, tokens[:, None], grad[:, None].to(out.dtype)), None, None
 
@@ -110,5 +114,5 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
         rows = [entropy_from_logits(logits[i].float()) for i in range(logits.shape[0])]
         return torch.stack(rows) if rows else logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
     flat = logits.reshape(-1, logits.shape[-1])
-    parts = [_entropy_of(torch.log_softmax(flat[rows], -1)) for rows in _blocks(*flat.shape)]
+    parts = [_entropy_of(torch.log_softmax(flat[rows], -1)) for rows in _blocks(flat)]
     return torch.cat(parts).view(logits.shape[:-1]) if parts else flat.new_zeros(logits.shape[:-1])
