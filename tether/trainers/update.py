@@ -112,6 +112,7 @@ class PPOUpdate:
                 logits, new_values = self.model(*args, self.sampling.temperature, self.fill_id)
         mask = micro.response_mask.float()
         new_logprobs, entropy = logprobs_and_entropy(logits, gather_ids(micro.response_ids, mask, self.fill_id))
+        del logits  # (B, T, V): the graph keeps it only until the policy's backward
         pg_loss, pg_stats = ppo_policy_loss(
             new_logprobs, micro.logprobs, micro.advantages, mask, self.cfg.clip_range, loss_denominator=num_tokens
         )
