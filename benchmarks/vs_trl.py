@@ -1,7 +1,8 @@
 """tether against TRL 1.12's PPO on identical work, side by side on this machine (the CPU speed issue's harness).
 
     python benchmarks/vs_trl.py [--trl-python /work/trl-venv/bin/python] [--real /tmp/smollm2/hf] \
-        [--settings real,tiny,head,sample,curve] [--iterations 4] [--warmup 1] [--out benchmarks/results/cpu.json]
+        [--settings real,tiny,head,sample,curve] [--iterations 4] [--warmup 1] [--out benchmarks/results/cpu.json] \
+        [--set model.compile=true]
 
 TRL lives in its own virtual environment (``benchmarks/setup_trl.sh`` makes one) so it cannot disturb tether's
 dependencies; its half is ``benchmarks/trl_side.py``. Each run is its own process (so peak RSS is its own), and the
@@ -125,18 +126,20 @@ def tether_side(args) -> dict:
         f"ppo.steps={steps}", f"ppo.rollout_batch_size={args.batch}",
         f"ppo.mini_batch_size={args.batch // args.mini_batches}", f"ppo.ppo_epochs={args.epochs}",
         f"sampling.max_new_tokens={args.new_tokens}", f"sampling.min_new_tokens={args.new_tokens}",
-        f"sampling.max_prompt_length={PROMPT_TOKENS}", "ppo.kl_stop=none", "ppo.save_every=0",
+        f"sampling.max_prompt_length={PROMPT_TOKENS}", "ppo.kl_stop=none", "ppo.save_every=0", *args.set,
     ]  # fmt: skip
     config = build_config(None, overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         config.output_dir = run_dir
         trainer = PPOTrainer.from_config(config)
         trainer.train(prompts, Path(run_dir), echo=lambda *a, **k: None)
-        rows = read_metrics(Path(run_dir) / "metrics.jsonl")[args.warmup :]
+        rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+        warmup_s, rows = [r["time/step"] for r in rows[: args.warmup]], rows[args.warmup :]
     sampled = [r["perf/sample_tokens_per_sec"] * r["time/sample"] for r in rows]
     return {
         "side": "tether",
         "iteration_s": [r["time/step"] for r in rows],
+        "warmup_s": warmup_s,
         "phases": {
             "generate": [r["time/sample"] for r in rows],
             "score": [r["time/score"] for r in rows],
@@ -217,7 +220,8 @@ def side_by_side(name, policy, reward, prompts, work, args, sides=("tether", "tr
         for side in sides:
             print(f"[{name}] {side}, repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
             if side == "tether":
-                record = run_side(sys.executable, Path(__file__), ["--side=tether", f"--value={value}"], common)
+                own = ["--side=tether", f"--value={value}", *(f"--set={o}" for o in args.set)]
+                record = run_side(sys.executable, Path(__file__), own, common)
             else:
                 record = run_side(args.trl_python, TRL_SIDE, common, [])
             runs[side].append(record)
@@ -288,6 +292,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="tether/TRL alternations per setting")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], help="a tether override for its side (model.compile=true)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
     # tether's side, when this file is run as one
     p.add_argument("--side")
@@ -308,7 +313,8 @@ def main(argv=None) -> None:
     settings = args.settings.split(",")
     args.peak = matmul_peak()
     print(f"float32 matmul peak: {args.peak:.0f} GFLOP/s", file=sys.stderr)
-    results = {"machine": versions(args.trl_python) | {"matmul_peak_gflops": args.peak}, "settings": []}
+    machine = versions(args.trl_python) | {"matmul_peak_gflops": args.peak, "tether_overrides": args.set}
+    results = {"machine": machine, "settings": []}
     with tempfile.TemporaryDirectory() as work_dir:
         args.work = Path(work_dir)
         real = Path(args.real)

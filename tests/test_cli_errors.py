@@ -111,3 +111,19 @@ def test_sample_names_a_bad_device(policy_dir):
     assert_one_line(
         tether("sample", policy_dir, "1+1=", "--device", "tpu"), "--device 'tpu': expected auto, cpu, cuda or cuda:N"
     )
+
+
+def test_compile_with_gradient_checkpointing_is_one_line(tmp_path, policy_dir):
+    (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1+1="}\n')
+    result = tether(
+        "ppo",
+        f"model.policy={policy_dir}",
+        "model.reward_model=bad_rewards:boom",
+        "ppo.prompts=prompts.jsonl",
+        "model.compile=true",
+        "model.gradient_checkpointing=true",
+        f"output_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert_one_line(result, "model.compile and model.gradient_checkpointing: set one of them, not both")

@@ -144,6 +144,33 @@ def test_a_separate_critic_after_the_policy_gives_the_gradients_of_the_summed_lo
     assert stats[True] == pytest.approx(stats[False], rel=1e-6, abs=1e-9)
 
 
+def test_compiled_update_gives_the_eager_numbers(tiny_ppo_args, tmp_path, device):
+    """model.compile runs the update's forwards through torch.compile (graphs really compiled) and trains the same
+    weights to float rounding; the trunks are eager again afterwards (the sampler never sees the compiled forward)."""
+    from torch._dynamo.utils import counters
+
+    from tether.models import trunk
+
+    trainers, stats = {}, {}
+    for compiled in (False, True):
+        overrides = ("model.value_model=separate", f"model.compile={str(compiled).lower()}")
+        trainers[compiled] = PPOTrainer.from_config(
+            ppo_config(tiny_ppo_args, tmp_path / str(compiled), *overrides, device=device)
+        )
+    rollout = trainers[False].compute_advantages(trainers[False].compute_rewards(trainers[False].rollout(PROMPTS)))
+    graphs, before = counters["stats"]["unique_graphs"], snapshot(trainers[True].actor_critic)
+    for compiled, trainer in trainers.items():
+        stats[compiled] = trainer.optimize(rollout)
+    assert changed(before, trainers[True].actor_critic)
+    assert counters["stats"]["unique_graphs"] > graphs and len(trainers[True].compiled_forwards) == 2
+    for model in (trainers[True].actor_critic.policy, trainers[True].actor_critic.critic):
+        assert "forward" not in vars(trunk(model))
+    assert stats[True] == pytest.approx(stats[False], rel=1e-4, abs=1e-5)
+    eager, compiled = (dict(t.actor_critic.named_parameters()) for t in (trainers[False], trainers[True]))
+    for name, param in eager.items():
+        torch.testing.assert_close(compiled[name], param, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_sft_learns_and_saves(policy_dir, tmp_path, device):
     records = [{"prompt": p, "response": "42"} for p in PROMPTS]
     write_jsonl(tmp_path / "sft.jsonl", records)

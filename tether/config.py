@@ -59,6 +59,8 @@ class ModelConfig:
     """Comma-separated module names; empty = peft's default for the architecture."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (trained policy and separate critic): less memory, slower steps."""
+    compile: bool = False
+    """torch.compile the trained models' forward for PPO's update (one process; the first updates pay the compile)."""
     cpu_memory: Literal["reuse", "release"] = "reuse"
     """On a CPU (Linux): 'reuse' keeps freed memory for the next step (faster, ~10% more resident); 'release' frees."""
 

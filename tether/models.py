@@ -254,6 +254,23 @@ def trunk(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
+@contextlib.contextmanager
+def compiled_trunks(models, cache: dict):
+    """Inside the block the trunks of ``models`` (None entries skipped) run their forward through ``torch.compile``
+    (``model.compile``); outside it they run eagerly, so the sampler's cached decoding and the no-gradient passes
+    never trigger a compile. The compiled forwards are kept in ``cache`` (by trunk) for the next block."""
+    bodies = [trunk(m) for m in models if m is not None]
+    try:
+        for body in bodies:
+            if id(body) not in cache:
+                cache[id(body)] = torch.compile(body.forward)
+            body.forward = cache[id(body)]
+        yield
+    finally:
+        for body in bodies:
+            vars(body).pop("forward", None)
+
+
 def hidden_states(model: nn.Module, ids, attention_mask, fill_id: int) -> torch.Tensor:
     """Final hidden states (B, L, d) of a causal-LM or sequence-classification model."""
     out = trunk(model)(**model_inputs(ids, attention_mask, fill_id), use_cache=False)

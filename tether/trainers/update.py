@@ -8,6 +8,7 @@ guards; the maths is :mod:`tether.algo`'s. The legacy trainer overrides :meth:`P
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -15,7 +16,7 @@ import torch
 
 from tether import distributed
 from tether.algo import logprobs_and_entropy, masked_mean, ppo_policy_loss, ppo_value_loss
-from tether.models import gather_ids, response_logits
+from tether.models import compiled_trunks, gather_ids, response_logits
 from tether.trainers.common import batches, lr_factor, set_lr
 from tether.types import Rollout
 
@@ -31,20 +32,28 @@ class PPOUpdate:
         """
         sums, weights = defaultdict(float), defaultdict(float)
         prompt_length, skipped, lr = rollout.prompt_ids.shape[1], 0, None
-        for _epoch in range(self.cfg.ppo_epochs):
-            for mb_index in batches(len(rollout), self.cfg.mini_batch_size, self.generator):
-                done, lr = self.minibatch_step(rollout.select(mb_index.to(self.device)), prompt_length)
-                if done is None:
-                    skipped += 1
-                    continue
-                for k, (total, weight) in done.items():
-                    sums[k] += total
-                    weights[k] += weight
-            if self.stop_epochs():
-                break
+        with self.compiled():
+            for _epoch in range(self.cfg.ppo_epochs):
+                for mb_index in batches(len(rollout), self.cfg.mini_batch_size, self.generator):
+                    done, lr = self.minibatch_step(rollout.select(mb_index.to(self.device)), prompt_length)
+                    if done is None:
+                        skipped += 1
+                        continue
+                    for k, (total, weight) in done.items():
+                        sums[k] += total
+                        weights[k] += weight
+                if self.stop_epochs():
+                    break
         stats = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
         lr = self.optimizer.param_groups[0]["lr"] if lr is None else lr
         return stats | {"ppo/lr": lr, "guard/skipped_steps": skipped}
+
+    def compiled(self):
+        """``model.compile``: the policy's and a separate critic's trunks through ``torch.compile`` for the update."""
+        if not self.config.model.compile:
+            return contextlib.nullcontext()
+        cache = self.__dict__.setdefault("compiled_forwards", {})
+        return compiled_trunks([self.actor_critic.policy, self.actor_critic.critic], cache)
 
     def minibatch_step(self, mb: Rollout, prompt_length: int) -> tuple[dict | None, float | None]:
         """The micro-batches' forwards and backwards, gradient clipping and one optimizer step: ``({metric: (sum,
