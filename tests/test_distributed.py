@@ -104,6 +104,7 @@ def test_shard_gives_each_rank_a_block(monkeypatch):
         (["ppo.rollout_batch_size=9", "ppo.mini_batch_size=3"], "ppo.rollout_batch_size=9 must be divisible"),
         (["ppo.rollout_batch_size=6", "ppo.mini_batch_size=3"], "ppo.mini_batch_size=3 must be divisible"),
         (["ppo.env=tether.envs.games:HighLow"], "ppo.env: multi-turn episodes run on one process"),
+        (["model.compile=true"], "model.compile: for one process; under torchrun leave it off"),
     ],
 )
 def test_batches_must_split_over_the_processes(monkeypatch, overrides, message):

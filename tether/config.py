@@ -389,6 +389,8 @@ class RunConfig:
             )
         if self.iterate.rounds < 1 or self.iterate.pairs < 1 or self.iterate.steps < 1:
             raise TetherError("iterate.rounds, iterate.pairs and iterate.steps must be positive")
+        if self.model.compile and self.model.gradient_checkpointing:
+            raise TetherError("model.compile and model.gradient_checkpointing: set one of them, not both")
         if ppo.score_norm in ("batch", "batch_scale") and ppo.rollout_batch_size < 2:
             raise TetherError(f"ppo.score_norm={ppo.score_norm} needs ppo.rollout_batch_size >= 2 (a batch std)")
         return self

@@ -262,9 +262,9 @@ def compiled_trunks(models, cache: dict):
     bodies = [trunk(m) for m in models if m is not None]
     try:
         for body in bodies:
-            if id(body) not in cache:
-                cache[id(body)] = torch.compile(body.forward)
-            body.forward = cache[id(body)]
+            if body not in cache:
+                cache[body] = torch.compile(body.forward)
+            body.forward = cache[body]
         yield
     finally:
         for body in bodies:

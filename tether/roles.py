@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether import distributed
 from tether.config import RunConfig
 from tether.errors import TetherError
 from tether.models import (
@@ -72,10 +71,6 @@ def load_roles(config: RunConfig) -> Roles:
         else:
             critic = new_scalar_model(init, placement.trained_dtype, m.trust_remote_code)
     enable_gradient_checkpointing(m.gradient_checkpointing, policy, critic)  # after the reference copy
-    if m.compile and m.gradient_checkpointing:
-        raise TetherError("model.compile and model.gradient_checkpointing: set one of them, not both")
-    if m.compile and distributed.launched_processes() > 1:
-        raise TetherError("model.compile: for one process; under torchrun leave it off")
     return Roles(ActorCritic(policy, critic), reference, tokenizer, scorer, placement, gold)
 
 

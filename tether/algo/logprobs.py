@@ -14,6 +14,8 @@ logits by the caller (the same temperature as at sampling time).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "logprobs_and_entropy"]
@@ -62,17 +64,26 @@ class _TokenLogprobs(torch.autograd.Function):
         return out.scatter_add_(-1, tokens[:, None], grad[:, None].to(out.dtype)), None, None
 
 
-def _per_row_in_fp32(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
-    """(log-probs, entropies) of (..., V) logits; half-precision logits are upcast one leading-dim row at a time."""
-    if logits.dtype in _LOW_PRECISION:
-        rows = [_per_row_in_fp32(logits[i].float(), tokens[i], with_entropy) for i in range(logits.shape[0])]
-        if not rows:
-            empty = logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
-            return empty, empty
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+def _per_row_in_fp32(fn, logits: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``fn(logits, *rest)``, a tuple of (...) tensors; half-precision logits are upcast one leading-dim row at a time
+    (an empty batch at once)."""
+    if logits.dtype not in _LOW_PRECISION or logits.shape[0] == 0:
+        return fn(logits.float() if logits.dtype in _LOW_PRECISION else logits, *rest)
+    rows = [fn(logits[i].float(), *(x[i] for x in rest)) for i in range(logits.shape[0])]
+    return tuple(torch.stack(parts) for parts in zip(*rows))
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, ...]:
+    """(log-probs, entropies or an empty tensor) of (..., V) float logits."""
     flat = logits.reshape(-1, logits.shape[-1])
     logp, entropy = _TokenLogprobs.apply(flat, tokens.reshape(-1).long(), with_entropy)
     return logp.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else entropy
+
+
+def _entropy(logits: torch.Tensor) -> tuple[torch.Tensor]:
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = [_entropy_of(torch.log_softmax(flat[rows], -1)) for rows in _blocks(flat)]
+    return (torch.cat(parts).view(logits.shape[:-1]) if parts else flat.new_zeros(logits.shape[:-1]),)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -87,7 +98,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     Returns:
         (B, T) log-probs; float32 if ``logits`` is float16/bfloat16, else the dtype of ``logits``.
     """
-    return _per_row_in_fp32(logits, tokens, False)[0]
+    return _per_row_in_fp32(partial(_token_logprobs, with_entropy=False), logits, tokens)[0]
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +107,7 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[to
     Returns:
         ((B, T) log-probs, (B, T) entropies), float32 for float16/bfloat16 logits.
     """
-    return _per_row_in_fp32(logits, tokens, True)
+    return _per_row_in_fp32(partial(_token_logprobs, with_entropy=True), logits, tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -110,9 +121,4 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, T) entropies; float32 if ``logits`` is float16/bfloat16, else the dtype of ``logits``.
     """
-    if logits.dtype in _LOW_PRECISION:
-        rows = [entropy_from_logits(logits[i].float()) for i in range(logits.shape[0])]
-        return torch.stack(rows) if rows else logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = [_entropy_of(torch.log_softmax(flat[rows], -1)) for rows in _blocks(flat)]
-    return torch.cat(parts).view(logits.shape[:-1]) if parts else flat.new_zeros(logits.shape[:-1])
+    return _per_row_in_fp32(_entropy, logits)[0]

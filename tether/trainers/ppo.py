@@ -87,12 +87,14 @@ def gather_rollout(rollout: Rollout, pad_id: int) -> Rollout:
 
 
 def check_data_parallel(config: RunConfig) -> None:
-    """Under torchrun: the batch sizes split evenly over the processes, and no environment (its episodes run on one
-    process)."""
+    """Under torchrun: the batch sizes split evenly over the processes, no environment (its episodes run on one
+    process) and no compiling."""
     distributed.check_divisible("ppo.rollout_batch_size", config.ppo.rollout_batch_size)
     distributed.check_divisible("ppo.mini_batch_size", config.ppo.mini_batch_size)
     if config.ppo.env and distributed.world_size() > 1:
         raise TetherError("ppo.env: multi-turn episodes run on one process; launch tether ppo without torchrun")
+    if config.model.compile and distributed.world_size() > 1:
+        raise TetherError("model.compile: for one process; under torchrun leave it off")
 
 
 class PPOTrainer(SafetyRails, PPOUpdate):
