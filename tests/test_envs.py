@@ -172,9 +172,11 @@ def test_a_ppo_run_on_the_game_from_the_command_line(tmp_path, policy_dir):
     assert (tmp_path / "run/model/config.json").is_file()
 
 
-def test_a_ppo_trainer_with_an_env_trains_on_the_sampled_tokens(tiny_ppo_args, tmp_path):
+@pytest.mark.parametrize("offload", ["false", "true"])  # true: the reference is away except for the episodes
+def test_a_ppo_trainer_with_an_env_trains_on_the_sampled_tokens(tiny_ppo_args, tmp_path, offload):
     env = f"ppo.env={Path(__file__)}:Scripted"
-    config = build_config(overrides=[*tiny_ppo_args, "model.reward_model=", env, "sampling.max_new_tokens=2"])
+    overrides = [*tiny_ppo_args, "model.reward_model=", env, "sampling.max_new_tokens=2"]
+    config = build_config(overrides=[*overrides, f"model.offload_frozen={offload}"])
     trainer = PPOTrainer.from_config(config)
     assert trainer.scorer is None and len(trainer.envs) == config.ppo.rollout_batch_size
     stats = trainer.train(PROMPTS * 2, tmp_path)

@@ -45,6 +45,7 @@ def test_ppo_step_trains_policy_and_value_but_not_reference_or_reward(tiny_ppo_a
     assert changed(value, trainer.actor_critic.value_head) == ["weight", "bias"]
     assert changed(ref, trainer.reference) == [] and changed(rm, trainer.scorer.model) == []
     assert all(not p.requires_grad for p in trainer.reference.parameters())
+    assert all(p.grad is None for p in trainer.actor_critic.parameters())  # freed after the update, for the rollout
 
 
 def test_every_logged_metric_is_documented(tiny_ppo_args, tmp_path, device):

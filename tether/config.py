@@ -59,6 +59,8 @@ class ModelConfig:
     """Comma-separated module names; empty = peft's default for the architecture."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (trained policy and separate critic): less memory, slower steps."""
+    offload_frozen: bool = False
+    """Reference and reward model off the device except while a rollout is scored (GPU: to CPU; CPU: to a file)."""
     compile: bool = False
     """torch.compile the trained models' forward for PPO's update (one process; the first updates pay the compile)."""
     cpu_memory: Literal["reuse", "release"] = "reuse"

@@ -40,6 +40,7 @@ from tether.envs.episodes import collect_episodes, episode_stats
 from tether.errors import Interrupted, TetherError
 from tether.guards import GuardState, collapse_stats, sanitize_scores
 from tether.models import ActorCritic
+from tether.offload import Offloaded, evicted, present
 from tether.precision import Placement, peak_memory_gib
 from tether.metrics import rollout_stats
 from tether.rewards import RunningMoments, decode_responses, transform_scores
@@ -131,6 +132,10 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         self.model = distributed.data_parallel(self.actor_critic, config.distributed.strategy)  # runs the update
         self.reference = self.placement.frozen(reference)
         self.tokenizer, self.scorer, self.gold = tokenizer, scorer, gold
+        # model.offload_frozen: the frozen roles leave the device for sampling and the update (tether.offload)
+        frozen = [[self.reference, getattr(scorer, "model", None)], [getattr(gold, "model", None)]]
+        offload = config.model.offload_frozen
+        self.offloaded = [Offloaded(roles, keep=self.actor_critic) if offload else None for roles in frozen]
         self.phrases = parse_phrases(self.cfg.filler_phrases)
         self.stops = stop_ids(tokenizer, actor_critic.policy)  # EOS, and a chat model's end-of-turn tokens
         self.envs = make_envs(self.cfg.env, self.cfg.rollout_batch_size)  # ppo.env: one per rollout row, kept
@@ -159,20 +164,21 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         with the noise of (seed, iteration, i). ``clock`` receives the sampling and scoring seconds."""
         max_prompt_length = self.config.sampling.max_prompt_length
         if self.envs:
-            return collect_episodes(
-                self.actor_critic,
-                self.reference,
-                self.envs,
-                self.tokenizer,
-                prompts,
-                self.sampling,
-                self.cfg.max_turns,
-                chunk=self.micro_batch_size,
-                max_prompt_length=max_prompt_length,
-                autocast=self.placement.autocast,
-                stops=self.stops,
-                device=self.device,
-            )
+            with present(self.offloaded[0]):
+                return collect_episodes(
+                    self.actor_critic,
+                    self.reference,
+                    self.envs,
+                    self.tokenizer,
+                    prompts,
+                    self.sampling,
+                    self.cfg.max_turns,
+                    chunk=self.micro_batch_size,
+                    max_prompt_length=max_prompt_length,
+                    autocast=self.placement.autocast,
+                    stops=self.stops,
+                    device=self.device,
+                )
         prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, max_prompt_length)  # the same padding on all
         rows = distributed.shard(len(prompts))  # this process's block of the batch
         with distributed.whole(self.actor_critic):  # FSDP: whole weights for the rollout, gathered once
@@ -190,6 +196,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
                 stops=self.stops,
                 keys=row_keys(self.config.seed, self.iteration, range(len(prompts))[rows]),
                 clock=clock,
+                scoring=lambda: present(self.offloaded[0]),
             )
         return gather_rollout(rollout, self.tokenizer.pad_token_id)
 
@@ -266,7 +273,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         logger = MetricLogger.from_config(run_dir, self.config, echo, display=bar)
         if self.saved_at is None:
             self.save(checkpoints)
-        with stop_requests() as stop, logger, bar:
+        with stop_requests() as stop, logger, bar, evicted(*self.offloaded):
             while self.iteration < self.config.ppo.steps and not self.stopped:
                 t0 = time.perf_counter()
                 self.enter_stage(bar.echo)
@@ -329,7 +336,8 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         stats |= episode_stats(rollout) if self.envs else {}
         if self.gold is not None:
             args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
-            scores, _ = sanitize_scores(self.gold(*args, tokenizer=self.tokenizer, prompts=prompts).float())
+            with present(self.offloaded[1]):
+                scores, _ = sanitize_scores(self.gold(*args, tokenizer=self.tokenizer, prompts=prompts).float())
             stats["gold/score"] = scores.mean().item()
         return stats
 

@@ -44,6 +44,7 @@ class PPOUpdate:
                         weights[k] += weight
                 if self.stop_epochs():
                     break
+        self.optimizer.zero_grad(set_to_none=True)  # the last step's gradients: their memory is the rollout's
         stats = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
         lr = self.optimizer.param_groups[0]["lr"] if lr is None else lr
         return stats | {"ppo/lr": lr, "guard/skipped_steps": skipped}
