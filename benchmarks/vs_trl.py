@@ -246,9 +246,10 @@ def sampler_vs_generate(policy: Path, prompts: Path, args, batch: int = 16, new_
     eos = tok.eos_token_id
     config = GenerationConfig(do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens, top_k=0,
                               top_p=1.0, temperature=1.0, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    sampling = Sampling(new_tokens, min_new_tokens=new_tokens, compile="sampling.compile=true" in args.set)
     ways = {
         "generate": lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config),
-        "tether": lambda: sample(model, ids, mask, Sampling(new_tokens, min_new_tokens=new_tokens), [eos]),
+        "tether": lambda: sample(model, ids, mask, sampling, [eos]),
     }
     times = {k: [] for k in ways}
     with torch.no_grad():

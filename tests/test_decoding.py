@@ -21,6 +21,7 @@ from tether.models import model_inputs
 from tether.sampling import Sampling, row_keys, sample
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this PyTorch has no oneDNN packed linear")
+needs_compile = pytest.mark.skipif(not prepack.compilable(), reason="this PyTorch cannot compile the packed linear")
 SIZES = dict(vocab_size=200, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
 FAMILIES = {
@@ -48,13 +49,15 @@ def padded_prompts():
     return ids, mask
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_prompt_then_tokens_match_the_full_forward(family):
+@pytest.mark.parametrize(
+    "family, compiled", [*((family, False) for family in FAMILIES), pytest.param("qwen2", True, marks=needs_compile)]
+)
+def test_prompt_then_tokens_match_the_full_forward(family, compiled):
     model = build(family)
     ids, mask = padded_prompts()
     steps = 4
-    decoder = lean_decoder(model, 3, ids.shape[1] + steps)
-    assert decoder is not None
+    decoder = lean_decoder(model, 3, ids.shape[1] + steps, compiled)
+    assert decoder is not None and decoder.keys[0].shape[2] == (64 if compiled else ids.shape[1] + steps)
     inputs = model_inputs(ids, mask, 0)
     with torch.no_grad():
         logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
@@ -70,13 +73,16 @@ def test_prompt_then_tokens_match_the_full_forward(family):
             logits, hidden = decoder.forward(token, position)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_the_sampler_on_it_samples_what_the_plain_path_samples(family):
+@pytest.mark.parametrize(
+    "family, compiled", [("llama", False), ("qwen2", False), pytest.param("llama", True, marks=needs_compile)]
+)
+def test_the_sampler_on_it_samples_what_the_plain_path_samples(family, compiled):
     model = build(family)
     ids, mask = padded_prompts()
     keys = row_keys(5, 0, range(3))
     lean, plain = (
-        sample(model, ids, mask, Sampling(9, 0.8, fast_decoding=on), [1], keys, record=True) for on in (True, False)
+        sample(model, ids, mask, Sampling(9, 0.8, fast_decoding=on, compile=compiled), [1], keys, record=True)
+        for on in (True, False)
     )
     assert torch.equal(lean.tokens, plain.tokens)
     for name in ("logprobs", "entropy", "hidden"):
@@ -104,3 +110,32 @@ def test_models_it_leaves_to_transformers():
     assert lean_decoder(build("llama").to(torch.bfloat16), 2, 16) is None
     lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     assert lean_decoder(lora, 2, 16) is None  # LoRA layers run through transformers (their base layers packed)
+
+
+@needs_compile
+def test_a_compiled_sampler_compiles_once_per_length_bucket_and_falls_back_when_the_compiler_fails(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from tether import decoding
+
+    model = build("llama")
+    ids, mask = padded_prompts()
+    keys = row_keys(1, 0, range(3))
+    eager = sample(model, ids, mask, Sampling(5), [1], keys, record=True)
+    compiled = sample(model, ids, mask, Sampling(5, compile=True), [1], keys, record=True)
+    graphs = counters["stats"]["unique_graphs"]
+    longer = torch.cat([ids[:, :2], ids], 1), torch.cat([torch.zeros_like(mask[:, :2]), mask], 1)  # 9 tokens, not 7
+    sample(model, *longer, Sampling(5, compile=True), [1], keys, record=True)
+    assert counters["stats"]["unique_graphs"] == graphs  # the same cache length bucket: no new graph
+    assert torch.equal(compiled.tokens, eager.tokens)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler here\nmore detail")
+
+    monkeypatch.setitem(decoding._COMPILED, "step", broken)
+    with pytest.warns(UserWarning, match=r"sampling.compile: torch.compile failed \(RuntimeError: no C\+\+ compiler "
+                      r"here\); sampling without it"):  # fmt: skip
+        fallen = sample(model, ids, mask, Sampling(5, compile=True), [1], keys, record=True)
+    assert decoding._COMPILED["step"] is decoding.one_token  # later samplers go straight to the eager step
+    assert torch.equal(fallen.tokens, eager.tokens)
+    torch.testing.assert_close(fallen.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)  # a longer cache: rounding

@@ -15,6 +15,7 @@ None and the sampler uses ``transformers``' own forward.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -137,37 +138,57 @@ class LeanDecoder:
 
     It holds oneDNN-packed copies of the linear weights, so it is built for one sampling pass (the weights must not
     change while it lives). :meth:`forward` takes the next block of positions (the left-padded prompt, then one token
-    at a time) and returns the logits and final hidden state at the block's last position.
+    at a time) and returns the logits and final hidden state at the block's last position. One token's step has the
+    same shapes at every position (it attends over the whole cache, the positions not yet written masked), so with
+    ``compiled`` it runs through ``torch.compile`` (``sampling.compile``): one compile per batch size and cache length,
+    the length rounded up to a multiple of :data:`LENGTH_BUCKET` so that prompts of other lengths reuse it.
     """
 
-    def __init__(self, model: nn.Module, batch: int, length: int):
+    def __init__(self, model: nn.Module, batch: int, length: int, compiled: bool = False):
         self.body = trunk(model)
         self.blocks = [Block.of(layer) for layer in self.body.layers]
         self.head = Projection.of(model.get_output_embeddings())
         weight, first = self.body.embed_tokens.weight, self.blocks[0]
+        length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET if compiled else length
         shape = (batch, first.split[1], length, first.head_dim)
-        self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks]
-        self.values = [torch.empty_like(k) for k in self.keys]
-        self.allowed = torch.ones(batch, length, dtype=torch.bool, device=weight.device)
+        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.allowed = torch.zeros(batch, length, dtype=torch.bool, device=weight.device)  # keys later tokens see
         self.filled = 0
+        self.one_token = compiled_one_token() if compiled else one_token
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None):
         """Logits (B, V) and hidden state (B, d) after ``ids`` (B, S) at ``positions`` (B, S).
 
-        ``key_mask`` (B, S) marks which of these positions later tokens may attend to (0 on left padding)."""
+        ``key_mask`` (B, S) marks which of these positions later tokens may attend to (0 on left padding); without
+        it every position may be."""
         start, end = self.filled, self.filled + ids.shape[1]
-        if key_mask is not None:
-            self.allowed[:, start:end] = key_mask.bool()
+        self.filled = end
+        if ids.shape[1] == 1 and key_mask is None:  # one new token: the static step
+            return self.next_token(ids, positions, torch.tensor([start], device=ids.device))
+        self.allowed[:, start:end] = True if key_mask is None else key_mask.bool()
         x = self.body.embed_tokens(ids)
         cos, sin = (t.unsqueeze(1) for t in self.body.rotary_emb(x, positions))
         mask = self.mask(start, end)
         for i, block in enumerate(self.blocks):
             x = x + self.attention(i, block, rms_norm(x, block.norms[0]), cos, sin, mask, start, end)
-            gate, up = block.gate_up(rms_norm(x, block.norms[1])).chunk(2, dim=-1)
-            x = x + block.down(F.silu(gate) * up)
-        self.filled = end
+            x = x + feed_forward(block, x)
         hidden = rms_norm(x[:, -1], self.body.norm)
         return self.head(hidden), hidden
+
+    def next_token(self, ids: torch.Tensor, positions: torch.Tensor, index: torch.Tensor):
+        """:func:`one_token`, compiled or not; where the compiler fails, a warning and this process decodes eagerly
+        from then on (the step only writes slot ``index``, so running it again is safe)."""
+        try:
+            return self.one_token(self, ids, positions, index)
+        except Exception as error:
+            if self.one_token is one_token:
+                raise
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"sampling.compile: torch.compile failed ({type(error).__name__}: {reason}); sampling "
+                          "without it", stacklevel=2)  # fmt: skip
+            self.one_token = _COMPILED["step"] = one_token
+            return one_token(self, ids, positions, index)
 
     def mask(self, start: int, end: int) -> torch.Tensor:
         """(B, 1, S, end) additive mask: a position sees the allowed keys up to itself, and always itself (so a
@@ -178,24 +199,68 @@ class LeanDecoder:
         return torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
     def attention(self, i: int, block: Block, x, cos, sin, mask, start: int, end: int) -> torch.Tensor:
-        """One attention block: projections, rotary embedding, the cache written in place, attention, output."""
+        """A block of positions' attention: projections, rotary embedding, the cache written in place, attention over
+        the keys so far, output projection."""
         batch, length, _ = x.shape
         queries, kv_heads = block.split[0], block.split[1]
         heads = block.qkv(x).view(batch, length, -1, block.head_dim).transpose(1, 2)
         rotated = rotate(heads[:, : queries + kv_heads], cos, sin)  # queries and keys in one pass
-        q = rotated[:, :queries]
         self.keys[i][:, :, start:end] = rotated[:, queries:]
         self.values[i][:, :, start:end] = heads[:, queries + kv_heads :]
         keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
-        if length == 1:  # one new token: two small batched multiplies beat the fused kernel's set-up
-            grouped = q.reshape(batch, kv_heads, -1, block.head_dim)  # the query heads that share a key head
-            weights = (grouped @ keys.transpose(-1, -2)).mul_(block.scaling).add_(mask).softmax(-1)
-            out = (weights @ values).view(batch, queries, 1, block.head_dim)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling, enable_gqa=True)
+        q = rotated[:, :queries]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling, enable_gqa=True)
         return block.out(out.transpose(1, 2).reshape(batch, length, -1))
 
 
-def lean_decoder(model: nn.Module, batch: int, length: int) -> LeanDecoder | None:
-    """A :class:`LeanDecoder` for ``model``, or None when its architecture is not one this module reproduces."""
-    return LeanDecoder(model, batch, length) if _supported(model, length) else None
+LENGTH_BUCKET = 64  # a compiled step's cache length is a multiple of this
+
+
+def feed_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP on the normed residual stream: ``down(silu(gate) * up)``."""
+    gate, up = block.gate_up(rms_norm(x, block.norms[1])).chunk(2, dim=-1)
+    return block.down(F.silu(gate) * up)
+
+
+def one_token(decoder: LeanDecoder, ids: torch.Tensor, positions: torch.Tensor, index: torch.Tensor):
+    """One new token per row (``ids``, ``positions``: (B, 1)) written at cache slot ``index`` (a (1,) tensor):
+    logits (B, V) and hidden state (B, d). Every tensor has the same shape at every step: attention covers the
+    whole cache, the slots after ``index`` masked out. Two small batched multiplies, not the fused attention kernel,
+    whose set-up costs more than one query's work."""
+    decoder.allowed.index_fill_(1, index, True)
+    bias = torch.zeros(decoder.allowed.shape, dtype=decoder.keys[0].dtype, device=ids.device)
+    bias = bias.masked_fill_(~decoder.allowed, float("-inf"))[:, None, None, :]
+    x = decoder.body.embed_tokens(ids)
+    cos, sin = (t.unsqueeze(1) for t in decoder.body.rotary_emb(x, positions))
+    batch = ids.shape[0]
+    for i, block in enumerate(decoder.blocks):
+        queries, kv_heads = block.split[0], block.split[1]
+        heads = block.qkv(rms_norm(x, block.norms[0])).view(batch, 1, -1, block.head_dim).transpose(1, 2)
+        rotated = rotate(heads[:, : queries + kv_heads], cos, sin)
+        decoder.keys[i].index_copy_(2, index, rotated[:, queries:])
+        decoder.values[i].index_copy_(2, index, heads[:, queries + kv_heads :])
+        grouped = rotated[:, :queries].reshape(batch, kv_heads, -1, block.head_dim)  # query heads sharing a key head
+        weights = ((grouped @ decoder.keys[i].transpose(-1, -2)) * block.scaling + bias).softmax(-1)
+        out = (weights @ decoder.values[i]).view(batch, 1, -1)
+        x = x + block.out(out)
+        x = x + feed_forward(block, x)
+    hidden = rms_norm(x[:, -1], decoder.body.norm)
+    return decoder.head(hidden), hidden
+
+
+_COMPILED = {}  # "step": the compiled one_token (one_token itself after a failed compile)
+
+
+def compiled_one_token():
+    """:func:`one_token` through ``torch.compile`` (made once per process; it compiles per batch size and length)."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(one_token, dynamic=False, fullgraph=True)
+    return _COMPILED["step"]
+
+
+def lean_decoder(model: nn.Module, batch: int, length: int, compiled: bool = False) -> LeanDecoder | None:
+    """A :class:`LeanDecoder` for ``model`` (its one-token step compiled with ``compiled``, where this PyTorch can),
+    or None when its architecture is not one this module reproduces."""
+    if not _supported(model, length):
+        return None
+    return LeanDecoder(model, batch, length, compiled and prepack.compilable())

@@ -36,9 +36,39 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """``x @ weight.T + bias`` from the packed weight, for ``x`` of any leading shape."""
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-    return out.view(*x.shape[:-1], out_features)
+    """``x @ weight.T + bias`` from the packed weight, for ``x`` of any leading shape. Under ``torch.compile`` it
+    runs as :func:`opaque_linear`."""
+    flat = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        return opaque_linear(flat, packed, bias, out_features).view(*x.shape[:-1], out_features)
+    return torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "").view(*x.shape[:-1], out_features)
+
+
+def compilable() -> bool:
+    """Whether this PyTorch can compile code that calls :func:`linear` (operator fakes: PyTorch 2.4 and later)."""
+    return available() and hasattr(torch.library, "register_fake")
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _packed_linear_shape(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    return x.new_empty(x.shape[0], out_features)
+
+
+if compilable():  # a plain library operator: a custom_op's Python wrappers cost ~0.1 ms a call, more than the work
+    _LIBRARY = torch.library.Library("tether", "DEF")
+    _LIBRARY.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
+    _LIBRARY.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
+    torch.library.register_fake("tether::packed_linear", _packed_linear_shape, lib=_LIBRARY)
+
+
+def opaque_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    """The packed multiply as an operator ``torch.compile`` calls as it is (``tether::packed_linear``): inductor
+    lowers oneDNN's linear only for weights it can fold in as constants, and these change with every optimizer
+    step."""
+    return torch.ops.tether.packed_linear(x, packed, bias, out_features)
 
 
 def cpu_autocast() -> bool:

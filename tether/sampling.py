@@ -43,11 +43,12 @@ class Sampling:
     top_k: int = 0
     min_new_tokens: int = 0  # stop tokens are masked out before this many response tokens (0: off)
     fast_decoding: bool = True  # CPU float32: oneDNN-packed weights (tether.prepack), LeanDecoder where it applies
+    compile: bool = False  # the LeanDecoder's one-token step through torch.compile
 
     @classmethod
     def from_config(cls, config) -> Sampling:
         """The settings of a :class:`tether.config.SamplingConfig`."""
-        fields = ("max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens", "fast_decoding")
+        fields = ("max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens", "fast_decoding", "compile")
         return cls(*(getattr(config, name) for name in fields))
 
 
@@ -207,7 +208,8 @@ def sample(
     model.eval()
     with autocast():
         fast = sampling.fast_decoding and not cpu_autocast()
-    decoder = lean_decoder(model, batch, prompt_ids.shape[1] + sampling.max_new_tokens) if fast else None
+    length = prompt_ids.shape[1] + sampling.max_new_tokens
+    decoder = lean_decoder(model, batch, length, sampling.compile) if fast else None
     with prepacked_linears(model, fast and decoder is None):
         inputs = model_inputs(prompt_ids, prompt_mask, stops[0])
         steps = _decode(decoder or TransformersSteps(model), inputs, sampling, stops, keys, autocast, record)
