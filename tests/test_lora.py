@@ -12,17 +12,13 @@ pytest.importorskip("peft")
 from tether.config import RunConfig  # noqa: E402
 from tether.demo.task import ALPHABET  # noqa: E402
 from tether.errors import TetherError  # noqa: E402
+from tether.lora import AdapterDisabledReference, add_lora, export_policy, merged_lora_state, parameter_bytes  # noqa: E402
 from tether.models import (  # noqa: E402
     ActorCritic,
-    AdapterDisabledReference,
-    add_lora,
     char_tokenizer,
-    export_policy,
-    merged_lora_state,
     is_peft_model,
     load_causal_lm,
     new_scalar_model,
-    parameter_bytes,
     response_logits,
 )
 from tether.rollout import Sampling, generate  # noqa: E402

@@ -290,7 +290,7 @@ def actor_critic(policy_dir: str, value: str, checkpointing: bool) -> ActorCriti
     if value == "separate":
         critic = new_scalar_model(policy_dir)
     elif value == "lora":
-        from tether.models import add_lora
+        from tether.lora import add_lora
 
         pytest.importorskip("peft")
         policy = add_lora(policy, r=4)

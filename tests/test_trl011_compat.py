@@ -293,7 +293,7 @@ def test_early_stopping_and_ratio_threshold(policy_dir, user_tokenizer):
 
 def test_peft_model_uses_no_reference_copy(policy_dir, user_tokenizer):
     peft = pytest.importorskip("peft")
-    from tether.models import AdapterDisabledReference, parameter_bytes
+    from tether.lora import AdapterDisabledReference, parameter_bytes
 
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir, peft_config=lora)

@@ -256,7 +256,7 @@ def test_trl_ppo_script_runs_unchanged(policy_dir):
 
 def test_trl_ppo_script_with_peft_uses_no_reference_copy(policy_dir):
     pytest.importorskip("peft")
-    from tether.models import AdapterDisabledReference
+    from tether.lora import AdapterDisabledReference
 
     out = run_ppo_script(script_argv(policy_dir, "--use_peft", "--lora_r=4"))
     trainer, history = out["trainer"], out["history"]

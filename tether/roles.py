@@ -47,7 +47,7 @@ def load_roles(config: RunConfig) -> Roles:
     policy = load_causal_lm(m.policy, placement.trained_dtype, m.trust_remote_code)
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     if m.lora_r > 0:  # LoRA: the reference is the same weights with the adapter switched off (no second copy)
-        from tether.models import AdapterDisabledReference, add_lora
+        from tether.lora import AdapterDisabledReference, add_lora
 
         policy = add_lora(policy, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
         reference = AdapterDisabledReference(policy)

@@ -21,7 +21,8 @@ from tether.legacy.errors import LegacyValueError
 from tether.legacy.generation import parse_generation
 from tether.legacy.reference import create_reference_model
 from tether.legacy.stats import legacy_stats
-from tether.models import PAD_TOKEN, ActorCritic, AdapterDisabledReference, enable_gradient_checkpointing, freeze
+from tether.lora import AdapterDisabledReference
+from tether.models import PAD_TOKEN, ActorCritic, enable_gradient_checkpointing, freeze
 from tether.rollout import build_rollout, generate
 
 

@@ -29,7 +29,7 @@ from tether.checkpoint import (
 from tether import distributed
 from tether.config import RunConfig, to_dict
 from tether.errors import Interrupted, TetherError
-from tether.models import export_policy
+from tether.lora import export_policy
 from tether.precision import state_dict_in
 from tether.tracking import truncate_metrics
 

@@ -19,9 +19,8 @@ from tether.algo import dpo_loss, logprobs_from_logits, masked_sum
 from tether.config import RunConfig
 from tether.data import preference_pairs, read_records, sft_batch
 from tether.errors import TetherError
+from tether.lora import AdapterDisabledReference, add_lora
 from tether.models import (
-    AdapterDisabledReference,
-    add_lora,
     enable_gradient_checkpointing,
     gather_ids,
     load_causal_lm,
