@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether import distributed
+from tether.checkpoint import TRAINABLE_FILE, trained_weights
 from tether.cli import run
 from tether.config import build_config
 from tether.data import write_jsonl
@@ -56,9 +57,14 @@ def gaps(run_dir: Path, reference: Path, weights: str) -> tuple[float, float]:
                 metric_gap = max(metric_gap, abs(v - ref[k]) / (max(abs(v), abs(ref[k])) + ATOL / RTOL))
             else:
                 assert v == ref[k], k
-    w, ref_w = load_file(run_dir / weights), load_file(reference / weights)
+    w, ref_w = (read_weights(d / weights) for d in (run_dir, reference))
     assert w.keys() == ref_w.keys()
     return metric_gap, max((w[k] - ref_w[k]).abs().max().item() for k in w)
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a checkpoint's trained tensors whole (the policy's may be in its policy/)."""
+    return trained_weights(file.parent) if file.name == TRAINABLE_FILE else load_file(file)
 
 
 def assert_same_training(run_dir: Path, reference: Path, weights: str = "model/model.safetensors") -> None:
@@ -298,7 +304,7 @@ def test_sft_and_reward_fsdp_on_two_processes_match_one_and_resume_on_one(pair_d
 def test_ppo_fsdp_with_lora_matches_one_process(ppo_runs):
     """A LoRA policy split: the frozen base and the adapter are split alike, the reference (the base with the adapter
     off) reads the gathered weights during the rollout, and the saved model is the adapter merged into the gathered
-    base (tether.models.merged_lora_state) as one process merges it into a copy."""
+    base (tether.lora.merged_lora_state) as one process merges it into a copy."""
     root, args, _ = ppo_runs
     lora = ["model.lora_r=4", "ppo.lr=1e-2"]
     assert run([*args(root / "lora_one", 2), *lora]) == 0

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tether.checkpoint import TRAINABLE_FILE, step_dir
+from tether.checkpoint import step_dir, trained_weights
 from tether.config import build_config
 from tether.guards import GuardState, check_kl, repeat_fraction, sanitize_scores
 from tether.trainers.ppo import PPOTrainer
@@ -66,8 +65,9 @@ def test_kl_guard_restores_the_last_stable_checkpoint_and_stops(trainer_for, tmp
     # the weights are those of the newest checkpoint whose own rollout stayed below the limit
     stable = trainer.guards.last_stable
     assert event["restored"] == f"step_{stable:06d}" and stable == trainer.iteration - 2
-    saved = load_file(step_dir(tmp_path / "checkpoints", stable) / TRAINABLE_FILE)
+    saved = trained_weights(step_dir(tmp_path / "checkpoints", stable))
     current = dict(trainer.actor_critic.named_parameters())
+    assert saved.keys() == {k for k, p in current.items() if p.requires_grad}
     assert all(torch.equal(saved[k], current[k].detach()) for k in saved)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped_early"] and summary["events"][0]["evidence"].startswith("KL to the reference")

@@ -115,8 +115,8 @@ def signal_in_checkpoint(step: int, sig: int) -> str:
         import os, sys
         import tether.checkpoint as ckpt
         real, sent = ckpt.save_file, []
-        def save_file(tensors, path):
-            real(tensors, path)
+        def save_file(tensors, path, **kwargs):
+            real(tensors, path, **kwargs)
             if "step_{step:06d}.tmp" in str(path) and str(path).endswith("optimizer.safetensors") and not sent:
                 sent.append(1)
                 os.kill(os.getpid(), {int(sig)})

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tether.checkpoint import load_training_state
@@ -103,10 +104,13 @@ def test_checkpoint_is_safetensors_and_restores(tiny_ppo_args, tmp_path, device)
     reloaded = AutoModelForCausalLM.from_pretrained(path / "policy")
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(reloaded(ids).logits, trainer.actor_critic.policy(ids.to(device)).logits.cpu())
+    # the policy is on disk once: policy/ holds its tensors, trainable.safetensors the rest (here the value head)
+    assert set(load_file(path / "trainable.safetensors")) == {"value_head.weight", "value_head.bias"}
     fresh = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, device=device))
     state = load_training_state(path, fresh.actor_critic, fresh.optimizer)
     assert state["iteration"] == 1
-    torch.testing.assert_close(fresh.actor_critic.value_head.weight, trainer.actor_critic.value_head.weight)
+    for a, b in zip(fresh.actor_critic.parameters(), trainer.actor_critic.parameters(), strict=True):
+        assert torch.equal(a, b) and a.device == b.device
     a, b = fresh.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
 

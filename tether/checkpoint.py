@@ -4,7 +4,9 @@ Layout of ``<run>/checkpoints/step_000100/``:
 - ``policy/`` (PPO): ``save_pretrained`` folder (config, model.safetensors, tokenizer) loadable by transformers
   (a LoRA policy is merged; its adapter is in ``trainable.safetensors``);
 - ``trainable.safetensors``: every trained tensor (PPO: policy and value model; SFT: the policy; reward: the reward
-  model), exactly as trained (resume and rollback load it in place, whatever the architecture);
+  model), exactly as trained (resume and rollback load it in place, whatever the architecture), except the policy's
+  tensors that ``policy/`` holds bit for bit (a full fine-tune's: they are read from there, so the policy is on disk
+  once; a LoRA adapter and the value model stay here);
 - ``optimizer.safetensors``: optimizer moments plus every RNG state (torch, CUDA, the data-order generator);
 - ``trainer_state.json``: iteration, optimizer step, KL controller, score normaliser, data position, python RNG,
   the resolved config. Written last; a folder is a checkpoint only once renamed from ``*.tmp`` to ``step_*``.
@@ -23,11 +25,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tether import distributed
 from tether.errors import TetherError
-from tether.models import export_policy
+from tether.lora import export_policy
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -149,7 +152,9 @@ def save_checkpoint(
         del policy_state
     weights = trainable_tensors(trained)
     if main:
-        save_file(weights, tmp / TRAINABLE_FILE)
+        prefix = policy_prefix(trained, policy)
+        weights = without_saved(weights, tmp / "policy", prefix) if prefix is not None else weights
+        save_file(weights, tmp / TRAINABLE_FILE, metadata={"policy_prefix": prefix} if prefix is not None else None)
     del weights
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     if main:
@@ -159,6 +164,45 @@ def save_checkpoint(
         publish(tmp, path)
     distributed.barrier()
     return path
+
+
+def policy_prefix(trained: torch.nn.Module, policy: torch.nn.Module | None) -> str | None:
+    """The prefix of the policy's parameter names inside ``trained`` (``"policy."`` in the actor-critic), or None."""
+    if policy is None:
+        return None
+    return next((f"{name}." if name else "" for name, module in trained.named_modules() if module is policy), None)
+
+
+def saved_tensors(folder: Path):
+    """``(name, tensor)`` for each tensor of a saved model folder's safetensors files (memory-mapped, read as used)."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def without_saved(weights: dict[str, torch.Tensor], folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """``weights`` less those named ``prefix + key`` that ``folder`` holds as ``key``, equal bit for bit."""
+    kept = dict(weights)
+    for key, saved in saved_tensors(folder):
+        tensor = kept.get(prefix + key)
+        if tensor is not None and saved.dtype == tensor.dtype and torch.equal(saved, tensor):
+            del kept[prefix + key]
+    return kept
+
+
+def trained_weights(path: Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's trained tensors: ``trainable.safetensors``, and those of ``names`` (default: any) it lacks from
+    ``policy/`` where :func:`save_checkpoint` left the policy's there."""
+    with safe_open(path / TRAINABLE_FILE, framework="pt") as f:
+        prefix = (f.metadata() or {}).get("policy_prefix")
+    weights = load_file(path / TRAINABLE_FILE)
+    if prefix is not None:
+        for key, saved in saved_tensors(path / "policy"):
+            name = prefix + key
+            if name not in weights and (names is None or name in names):
+                weights[name] = saved
+    return weights
 
 
 def publish(tmp: Path, path: Path) -> None:
@@ -178,8 +222,8 @@ def load_training_state(path: Path, trained, optimizer, generator=None, restore_
     """Restore trained weights (in place, on their device), optimizer moments and RNG; returns trainer_state.json."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
-    weights = load_file(path / TRAINABLE_FILE)
     names = {n for n, p in trained.named_parameters() if p.requires_grad}
+    weights = trained_weights(path, names)
     if set(weights) != names:
         missing, extra = sorted(names - set(weights))[:3], sorted(set(weights) - names)[:3]
         raise TetherError(
