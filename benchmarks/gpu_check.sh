@@ -4,6 +4,10 @@
 #     bash benchmarks/gpu_check.sh          # versions + GPU, the whole suite, then the demo in float32 and in bf16
 #     bash benchmarks/gpu_check.sh suite    # versions + GPU and the suite only
 #     bash benchmarks/gpu_check.sh demo     # versions + GPU and the two demos only
+#     bash benchmarks/gpu_check.sh bench    # versions + GPU and the side-by-side with TRL (issue 14)
+#
+# bench needs TRL and datasets, which the accelerator machine lacks: run `bash benchmarks/gpu_wheels.sh` here first
+# and name .whl in the device call's carry; the results go to $OUT/gpu.json (or /tmp/tether-gpu-check/gpu.json).
 #
 # It prints what BENCHMARKS.md needs: torch / transformers versions, the GPU, the suite's result, and for each demo
 # its wall time and the held-out gold score of SFT and PPO (summary.json's sft.gold / ppo.gold). Demo runs go to
@@ -54,5 +58,12 @@ EOF
             tail -n 30 "$out-$dtype.log"
         fi
     done
+fi
+if [ "$what" = bench ]; then
+    echo "== side by side with TRL 1.12: python benchmarks/vs_trl_gpu.py"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site" || status=1
+    mkdir -p "${OUT:-$out}"
+    python3 benchmarks/vs_trl_gpu.py --out "${OUT:-$out}/gpu.json" || status=1
 fi
 exit $status

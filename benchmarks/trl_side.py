@@ -238,6 +238,7 @@ def summarize(records, warmup, iterations):
         "new_tokens": [r["new_tokens"] for r in measured],
         "new_tokens_per_s": statistics.median(r["new_tokens"] / r["generate"] for r in measured),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "warmup": warmup,
     }
 

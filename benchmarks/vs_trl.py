@@ -148,6 +148,7 @@ def tether_side(args) -> dict:
         "new_tokens": sampled,
         "new_tokens_per_s": statistics.median(n / r["time/sample"] for n, r in zip(sampled, rows)),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
 
 
@@ -201,16 +202,21 @@ def summarise(name: str, runs: dict[str, list[dict]], flops: float, peak: float)
             "phases": phases,
             "new_tokens_per_s": statistics.median(r["new_tokens_per_s"] for r in records),
             "peak_rss_gib": max(r["peak_rss_gib"] for r in records),
+            "peak_gpu_gib": max((r.get("peak_gpu_gib") or 0 for r in records), default=0) or None,
             "share_of_matmul_peak": flops / statistics.median(iters) / 1e9 / peak,
         }
     if len(runs) == 2:
         tether, trl = out["tether"], out["trl"]
         out["speedup"] = trl["s_per_iter"] / tether["s_per_iter"]
         out["rss_ratio"] = tether["peak_rss_gib"] / trl["peak_rss_gib"]
+        if tether["peak_gpu_gib"] and trl["peak_gpu_gib"]:
+            out["gpu_memory_ratio"] = tether["peak_gpu_gib"] / trl["peak_gpu_gib"]
     return out
 
 
-def side_by_side(name, policy, reward, prompts, work, args, sides=("tether", "trl"), value="separate") -> dict:
+def side_by_side(name, policy, reward, prompts, work, args, sides=("tether", "trl"), value="separate", trl_extra=()):
+    """``work`` on each side in its own process, alternating, ``args.repeats`` times; their summary
+    (:func:`summarise`). ``trl_extra``: more arguments for TRL's side (``--bf16``)."""
     common = [f"--policy={policy}", f"--reward={reward}", f"--prompts={prompts}", f"--batch={work['batch']}",
               f"--mini-batches={work['mini_batches']}", f"--epochs={work['epochs']}",
               f"--new-tokens={work['new_tokens']}", f"--iterations={args.iterations}", f"--warmup={args.warmup}",
@@ -223,7 +229,7 @@ def side_by_side(name, policy, reward, prompts, work, args, sides=("tether", "tr
                 own = ["--side=tether", f"--value={value}", *(f"--set={o}" for o in args.set)]
                 record = run_side(sys.executable, Path(__file__), own, common)
             else:
-                record = run_side(args.trl_python, TRL_SIDE, common, [])
+                record = run_side(args.trl_python, TRL_SIDE, common, list(trl_extra))
             runs[side].append(record)
     result = summarise(name, runs, useful_flops(policy, work, value), args.peak)
     result["work"], result["runs"] = work | {"value": value}, runs
