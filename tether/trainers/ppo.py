@@ -133,9 +133,10 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         self.reference = self.placement.frozen(reference)
         self.tokenizer, self.scorer, self.gold = tokenizer, scorer, gold
         # model.offload_frozen: the frozen roles leave the device for sampling and the update (tether.offload)
-        frozen = [[self.reference, getattr(scorer, "model", None)], [getattr(gold, "model", None)]]
         offload = config.model.offload_frozen
-        self.offloaded = [Offloaded(roles, keep=self.actor_critic) if offload else None for roles in frozen]
+        frozen = [self.reference, getattr(scorer, "model", None)]
+        self.scoring_roles = Offloaded(frozen, keep=self.actor_critic) if offload else None
+        self.gold_role = Offloaded([getattr(gold, "model", None)], keep=self.actor_critic) if offload else None
         self.phrases = parse_phrases(self.cfg.filler_phrases)
         self.stops = stop_ids(tokenizer, actor_critic.policy)  # EOS, and a chat model's end-of-turn tokens
         self.envs = make_envs(self.cfg.env, self.cfg.rollout_batch_size)  # ppo.env: one per rollout row, kept
@@ -164,7 +165,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         with the noise of (seed, iteration, i). ``clock`` receives the sampling and scoring seconds."""
         max_prompt_length = self.config.sampling.max_prompt_length
         if self.envs:
-            with present(self.offloaded[0]):
+            with present(self.scoring_roles):
                 return collect_episodes(
                     self.actor_critic,
                     self.reference,
@@ -196,7 +197,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
                 stops=self.stops,
                 keys=row_keys(self.config.seed, self.iteration, range(len(prompts))[rows]),
                 clock=clock,
-                scoring=lambda: present(self.offloaded[0]),
+                scoring=lambda: present(self.scoring_roles),
             )
         return gather_rollout(rollout, self.tokenizer.pad_token_id)
 
@@ -273,7 +274,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         logger = MetricLogger.from_config(run_dir, self.config, echo, display=bar)
         if self.saved_at is None:
             self.save(checkpoints)
-        with stop_requests() as stop, logger, bar, evicted(*self.offloaded):
+        with stop_requests() as stop, logger, bar, evicted(self.scoring_roles, self.gold_role):
             while self.iteration < self.config.ppo.steps and not self.stopped:
                 t0 = time.perf_counter()
                 self.enter_stage(bar.echo)
@@ -336,7 +337,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         stats |= episode_stats(rollout) if self.envs else {}
         if self.gold is not None:
             args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
-            with present(self.offloaded[1]):
+            with present(self.gold_role):
                 scores, _ = sanitize_scores(self.gold(*args, tokenizer=self.tokenizer, prompts=prompts).float())
             stats["gold/score"] = scores.mean().item()
         return stats
