@@ -159,7 +159,8 @@ def run_side(python: str, script: Path, common: list[str], extra: list[str]) -> 
     """One side's process; its JSON line, or the error it printed."""
     cmd = [python, str(script), *common, *extra]
     print("  $", " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep a carried site
+    env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{script.name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
