@@ -2,12 +2,14 @@
 
 import gc
 import os
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 from tether.config import build_config
+from tether.errors import TetherError
 from tether.offload import Offloaded, evicted, present
 from tether.trainers.ppo import PPOTrainer
 from tether.tracking import read_metrics
@@ -99,6 +101,15 @@ def test_the_cpu_copy_is_a_file_removed_with_it():
     del offloaded
     gc.collect()
     assert not os.path.exists(path)
+
+
+def test_an_unwritable_temporary_folder_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    offloaded = Offloaded([nn.Linear(3, 3)])
+    message = r"^model.offload_frozen: cannot write the frozen roles to .*missing \(No such file or directory\); set "
+    with pytest.raises(TetherError, match=message + "TMPDIR to a folder on a disk with room for them$"):
+        offloaded.evict()
+    assert offloaded.resident
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch import nn
 
+from tether.errors import TetherError
+
 
 class Offloaded:
     """The parameters of frozen ``modules``, which :meth:`evict` takes off the device and :meth:`restore` brings back.
@@ -110,11 +112,17 @@ class _FileCopy:
 
     def __init__(self, params: list[nn.Parameter]):
         self.shapes = [(p.shape, p.dtype) for p in params]
-        fd, self.path = tempfile.mkstemp(prefix="tether-frozen-", suffix=".bin")
-        self._remove = weakref.finalize(self, _unlink, self.path)
-        with os.fdopen(fd, "wb") as f:
-            for p in params:
-                f.write(_bytes(p.detach().contiguous()))
+        try:
+            fd, self.path = tempfile.mkstemp(prefix="tether-frozen-", suffix=".bin")
+            self._remove = weakref.finalize(self, _unlink, self.path)
+            with os.fdopen(fd, "wb") as f:
+                for p in params:
+                    f.write(_bytes(p.detach().contiguous()))
+        except OSError as error:
+            raise TetherError(
+                f"model.offload_frozen: cannot write the frozen roles to {tempfile.gettempdir()} ({error.strerror}); "
+                "set TMPDIR to a folder on a disk with room for them"
+            ) from None
 
     def load(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in self.shapes]
