@@ -2,14 +2,16 @@
 
     python benchmarks/vs_trl.py [--trl-python /work/trl-venv/bin/python] [--real /tmp/smollm2/hf] \
         [--settings real,tiny,head,sample,curve] [--iterations 4] [--warmup 1] [--out benchmarks/results/cpu.json] \
-        [--set model.compile=true]
+        [--set model.compile=true] [--bf16]
 
 TRL lives in its own virtual environment (``benchmarks/setup_trl.sh`` makes one) so it cannot disturb tether's
 dependencies; its half is ``benchmarks/trl_side.py``. Each run is its own process (so peak RSS is its own), and the
 two sides alternate: tether, TRL, tether, TRL. The work is the same on both sides: the same model folder, a reward
 model and a critic that are its trunk with one seeded scalar head (TRL's example initialises its critic from the
 reward model, and so does tether's ``model.value_model=separate``), the same prompts of equal length, exactly
-``--new-tokens`` sampled tokens per row (EOS held back), the same PPO epochs and minibatches, float32.
+``--new-tokens`` sampled tokens per row (EOS held back), the same PPO epochs and minibatches, float32; with ``--bf16``
+bf16 mixed precision on both sides instead (TRL: accelerate's ``bf16=True``; tether: ``model.dtype=bfloat16``;
+``generate`` and the sampler under bf16 autocast), where the CPU has it.
 
 Settings:
 - ``real``: SmolLM2-135M-Instruct (``../shared/models/smollm2.sh`` builds the folder), 16 prompts x 32 new tokens,
@@ -230,7 +232,9 @@ def side_by_side(name, policy, reward, prompts, work, args, sides=("tether", "tr
                 own = ["--side=tether", f"--value={value}", *(f"--set={o}" for o in args.set)]
                 record = run_side(sys.executable, Path(__file__), own, common)
             else:
-                record = run_side(args.trl_python, TRL_SIDE, common, list(trl_extra))
+                bf16 = getattr(args, "bf16", False) and "--bf16" not in trl_extra
+                extra = [*trl_extra, *(["--bf16"] if bf16 else [])]
+                record = run_side(args.trl_python, TRL_SIDE, common, extra)
             runs[side].append(record)
     result = summarise(name, runs, useful_flops(policy, work, value), args.peak)
     result["work"], result["runs"] = work | {"value": value}, runs
@@ -259,7 +263,8 @@ def sampler_vs_generate(policy: Path, prompts: Path, args, batch: int = 16, new_
         "tether": lambda: sample(model, ids, mask, sampling, [eos]),
     }
     times = {k: [] for k in ways}
-    with torch.no_grad():
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    with torch.no_grad(), precision:
         for k in ways:
             ways[k]()  # warm-up
         for _ in range(args.iterations):
@@ -301,6 +306,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="tether/TRL alternations per setting")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="a tether override for its side (model.compile=true)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
     # tether's side, when this file is run as one
     p.add_argument("--side")
@@ -319,9 +325,12 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(args.threads)
     settings = args.settings.split(",")
+    if args.bf16:
+        args.set = [*args.set, "model.dtype=bfloat16"]
     args.peak = matmul_peak()
     print(f"float32 matmul peak: {args.peak:.0f} GFLOP/s", file=sys.stderr)
     machine = versions(args.trl_python) | {"matmul_peak_gflops": args.peak, "tether_overrides": args.set}
+    machine["bf16"] = args.bf16
     results = {"machine": machine, "settings": []}
     with tempfile.TemporaryDirectory() as work_dir:
         args.work = Path(work_dir)

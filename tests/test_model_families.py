@@ -16,6 +16,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from tether import prepack, sampling
 from tether.config import RunConfig
 from tether.data import left_pad
 from tether.models import (
@@ -193,6 +194,27 @@ def test_ppo_from_config(family, value_model, tmp_path):
         torch.testing.assert_close(plain, ac.policy(ids).logits, atol=1e-5, rtol=1e-5)
         assert torch.equal(fuse_activations(reloaded)(ids).logits, ac.policy(ids).logits)  # the very weights
     assert load_tokenizer(str(path)).pad_token_id == trainer.tokenizer.pad_token_id
+
+
+@pytest.mark.skipif(not prepack.packs(torch.bfloat16), reason="oneDNN has no bf16 on this CPU")
+def test_bf16_sampler_records_what_the_update_recomputes(family, tmp_path):
+    """model.dtype=bfloat16 on the CPU: the sampler (bf16-packed weights; the lean decoder for Llama and Qwen2) records
+    old log-probs that the update's bf16 forward over the whole sequence gives back to bf16 rounding (lr 0)."""
+    name, policy_dir, rm_dir = family
+    config = ppo_config(policy_dir, rm_dir, tmp_path, lr=0.0)
+    config.model.dtype, config.ppo.steps = "bfloat16", 1
+    trainer = PPOTrainer.from_config(config.finalize())
+    built = []
+    lean = sampling.lean_decoder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "lean_decoder", lambda *a: built.append(lean(*a)) or built[-1])
+        stats = trainer.train(PROMPTS, tmp_path)
+    if name == "gpt2":  # GPT-2 samples through transformers' forward, its linear layers packed in bf16
+        assert built == [None]
+    else:
+        assert len(built) == 1 and built[0].head.weight.dtype == torch.bfloat16
+    assert 0.99 < stats["ppo/ratio_min"] <= stats["ppo/ratio_max"] < 1.01, name  # measured: within 8e-4
+    assert stats["ppo/approx_kl"] < 1e-6
 
 
 def test_pad_id_past_the_last_embedding_row(tmp_path):

@@ -49,6 +49,30 @@ def test_packed_layers_give_the_plain_logits_and_are_restored(build):
     assert torch.equal(after, plain)
 
 
+needs_bf16 = pytest.mark.skipif(not prepack.packs(torch.bfloat16), reason="oneDNN has no bf16 on this CPU")
+
+
+@needs_bf16
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["Linear", "Conv1D"])
+def test_under_bf16_autocast_layers_packed_in_bf16_compute_as_autocast_does(build):
+    model = build()
+    ids = torch.randint(0, 300, (3, 11))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids).logits
+        with prepacked_linears(model, dtype=torch.bfloat16) as count:
+            assert count == len(linear_layers(model))
+            packed = model(ids).logits
+        with prepacked_linears(model) as count:  # float32 copies: autocast computes in bf16, so they stay unused
+            assert count == len(linear_layers(model))
+            unused = model(ids).logits
+    assert packed.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(packed.float(), plain.float(), atol=1e-2, rtol=0)  # a bf16 rounding or two
+    assert torch.equal(unused, plain)
+    with torch.no_grad(), prepacked_linears(model, dtype=torch.bfloat16):
+        outside = model(ids).logits  # no autocast: float32 inputs, the float32 layers' own forward
+    assert outside.dtype == torch.float32 and torch.equal(outside, model(ids).logits)
+
+
 def test_gradients_and_other_dtypes_take_the_plain_path():
     model = llama()
     ids = torch.randint(0, 300, (2, 7))

@@ -11,6 +11,10 @@ It applies to the trunk classes named in ``FAMILIES`` whose linear layers are pl
 LoRA-wrapped) and whose attention sees the whole sequence (no sliding window shorter than it), on PyTorch 2.5 or later
 (grouped-query attention in ``scaled_dot_product_attention``); for every other model :func:`lean_decoder` returns
 None and the sampler uses ``transformers``' own forward.
+
+Under bf16 CPU autocast (``model.dtype=bfloat16``) it runs in autocast's dtypes, as ``transformers`` does there: the
+weights packed in bf16 once per sampling pass, the linear layers' outputs in bf16, the residual stream, norms and
+rotated keys in float32, attention's products in bf16 (to bf16 rounding of ``transformers`` under autocast, tested).
 """
 
 from __future__ import annotations
@@ -32,21 +36,21 @@ FAMILIES = ("LlamaModel", "MistralModel", "Qwen2Model")
 class Projection:
     """Linear layers side by side as one packed multiply (their outputs concatenated)."""
 
-    weight: torch.Tensor  # oneDNN-packed
+    weight: torch.Tensor  # oneDNN-packed, in the dtype the multiply computes in
     bias: torch.Tensor | None
     width: int
 
     @classmethod
-    def of(cls, *layers: nn.Linear) -> Projection:
+    def of(cls, *layers: nn.Linear, dtype: torch.dtype = torch.float32) -> Projection:
         weight = torch.cat([layer.weight.detach() for layer in layers])
         bias = None
         if any(layer.bias is not None for layer in layers):
             bias = torch.cat([layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
-                              for layer in layers])  # fmt: skip
-        return cls(prepack.pack(weight), bias, weight.shape[0])
+                              for layer in layers]).to(dtype)  # fmt: skip
+        return cls(prepack.pack(weight, dtype), bias, weight.shape[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return prepack.linear(x, self.weight, self.bias, self.width)
+        return prepack.linear(x.to(self.weight.dtype), self.weight, self.bias, self.width)
 
 
 @dataclass
@@ -63,16 +67,16 @@ class Block:
     scaling: float
 
     @classmethod
-    def of(cls, layer: nn.Module) -> Block:
+    def of(cls, layer: nn.Module, dtype: torch.dtype = torch.float32) -> Block:
         attention, mlp = layer.self_attn, layer.mlp
         head_dim = attention.head_dim
         heads = [attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim]
         return cls(
             (layer.input_layernorm, layer.post_attention_layernorm),
-            Projection.of(attention.q_proj, attention.k_proj, attention.v_proj),
-            Projection.of(attention.o_proj),
-            Projection.of(mlp.gate_proj, mlp.up_proj),
-            Projection.of(mlp.down_proj),
+            Projection.of(attention.q_proj, attention.k_proj, attention.v_proj, dtype=dtype),
+            Projection.of(attention.o_proj, dtype=dtype),
+            Projection.of(mlp.gate_proj, mlp.up_proj, dtype=dtype),
+            Projection.of(mlp.down_proj, dtype=dtype),
             (heads[0], heads[1], heads[1]),
             head_dim,
             attention.scaling,
@@ -111,10 +115,11 @@ def _plain_layer(layer: nn.Module, length: int) -> bool:
     )
 
 
-def _supported(model: nn.Module, length: int) -> bool:
-    """Whether ``model`` is one this module reproduces, for sequences of up to ``length`` tokens."""
+def _supported(model: nn.Module, length: int, dtype: torch.dtype) -> bool:
+    """Whether ``model`` is one this module reproduces, for sequences of up to ``length`` tokens, computing its linear
+    layers in ``dtype``."""
     body = trunk(model)
-    if type(body).__name__ not in FAMILIES or not (_sdpa_has_gqa() and prepack.available()):
+    if type(body).__name__ not in FAMILIES or not (_sdpa_has_gqa() and prepack.packs(dtype)):
         return False
     if getattr(body.config, "hidden_act", None) != "silu" or not hasattr(body, "rotary_emb"):
         return False
@@ -136,23 +141,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LeanDecoder:
     """A Llama-family trunk and LM head with a static KV cache for ``batch`` rows of up to ``length`` tokens.
 
-    It holds oneDNN-packed copies of the linear weights, so it is built for one sampling pass (the weights must not
-    change while it lives). :meth:`forward` takes the next block of positions (the left-padded prompt, then one token
-    at a time) and returns the logits and final hidden state at the block's last position. One token's step has the
-    same shapes at every position (it attends over the whole cache, the positions not yet written masked), so with
-    ``compiled`` it runs through ``torch.compile`` (``sampling.compile``): one compile per batch size and cache length,
-    the length rounded up to a multiple of :data:`LENGTH_BUCKET` so that prompts of other lengths reuse it.
+    It holds oneDNN-packed copies of the linear weights in ``dtype`` (bfloat16: for bf16 CPU autocast, under which it
+    must then run), so it is built for one sampling pass (the weights must not change while it lives).
+    :meth:`forward` takes the next block of positions (the left-padded prompt, then one token at a time) and returns
+    the logits and final hidden state at the block's last position. One token's step has the same shapes at every
+    position (it attends over the whole cache, the positions not yet written masked), so with ``compiled`` it runs
+    through ``torch.compile`` (``sampling.compile``): one compile per batch size and cache length, the length rounded
+    up to a multiple of :data:`LENGTH_BUCKET` so that prompts of other lengths reuse it.
     """
 
-    def __init__(self, model: nn.Module, batch: int, length: int, compiled: bool = False):
+    def __init__(self, model: nn.Module, batch: int, length: int, compiled: bool = False, dtype=torch.float32):
         self.body = trunk(model)
-        self.blocks = [Block.of(layer) for layer in self.body.layers]
-        self.head = Projection.of(model.get_output_embeddings())
+        self.blocks = [Block.of(layer, dtype) for layer in self.body.layers]
+        self.head = Projection.of(model.get_output_embeddings(), dtype=dtype)
         weight, first = self.body.embed_tokens.weight, self.blocks[0]
         length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET if compiled else length
         shape = (batch, first.split[1], length, first.head_dim)
+        # keys are rotated in float32 (the rotary tables are); values are the projection's output, in ``dtype``
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.blocks]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.values = [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in self.blocks]
         self.allowed = torch.zeros(batch, length, dtype=torch.bool, device=weight.device)  # keys later tokens see
         self.filled = 0
         self.one_token = compiled_one_token() if compiled else one_token
@@ -258,9 +265,13 @@ def compiled_one_token():
     return _COMPILED["step"]
 
 
-def lean_decoder(model: nn.Module, batch: int, length: int, compiled: bool = False) -> LeanDecoder | None:
-    """A :class:`LeanDecoder` for ``model`` (its one-token step compiled with ``compiled``, where this PyTorch can),
-    or None when its architecture is not one this module reproduces."""
-    if not _supported(model, length):
+def lean_decoder(
+    model: nn.Module, batch: int, length: int, compiled: bool = False, dtype: torch.dtype = torch.float32
+) -> LeanDecoder | None:
+    """A :class:`LeanDecoder` for ``model`` computing its linear layers in ``dtype`` (its one-token step compiled
+    with ``compiled``, where this PyTorch can; float32 only), or None when its architecture is not one this module
+    reproduces or this CPU cannot pack ``dtype``."""
+    if not _supported(model, length, dtype):
         return None
-    return LeanDecoder(model, batch, length, compiled and prepack.compilable())
+    compiled = compiled and prepack.compilable() and dtype == torch.float32
+    return LeanDecoder(model, batch, length, compiled, dtype)

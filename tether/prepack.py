@@ -8,8 +8,10 @@ unpacked, and packing all of them takes 0.1 s (BENCHMARKS.md).
 :func:`prepacked_linears` packs a model's float32 ``nn.Linear`` and GPT-2 ``Conv1D`` weights on entry and routes
 their forward through the packed copy until it exits, when the copies are freed and the layers are as they were. It
 is for no-gradient passes (the sampler) over weights that do not change inside it; the outputs are the plain
-layers' to float rounding (tested). Where it cannot apply (another device, another dtype, autocast, gradients, a
-sharded weight, a PyTorch without oneDNN) the layer runs as usual.
+layers' to float rounding (tested). Under bf16 CPU autocast (``model.dtype=bfloat16``) the copies are packed in bf16
+once, where autocast would cast every float32 master weight to bf16 at every call, and the outputs are bf16 as
+autocast's. Where it cannot apply (another device, another dtype, gradients, a sharded weight, a PyTorch without
+oneDNN, a CPU without bf16 support in oneDNN) the layer runs as usual.
 """
 
 from __future__ import annotations
@@ -30,9 +32,27 @@ def available() -> bool:
     )
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of an (out, in) float32 weight, for :func:`linear`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+def pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """oneDNN's packed copy of an (out, in) float32 weight in ``dtype`` (float32 or bfloat16), for :func:`linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None)
+
+
+def compute_dtype() -> torch.dtype:
+    """The dtype a CPU linear layer computes in here: autocast's CPU dtype inside autocast, else float32."""
+    if not cpu_autocast():
+        return torch.float32
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # PyTorch before 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether weights can be packed to compute in ``dtype`` here: float32, or bfloat16 where oneDNN runs it on this
+    CPU."""
+    if not available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
@@ -84,11 +104,14 @@ def packable(weight: torch.Tensor) -> bool:
     return type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def _packed_forward(layer: nn.Module, packed: torch.Tensor, out_features: int, x: torch.Tensor) -> torch.Tensor:
+def _packed_forward(layer: nn.Module, packed: torch.Tensor, bias, out_features: int, x: torch.Tensor) -> torch.Tensor:
     """The layer's output from the packed weight, or its own forward where the packed path does not apply."""
-    if x.dtype != torch.float32 or torch.is_grad_enabled() or cpu_autocast() or x.device.type != "cpu":
+    dtype = packed.dtype
+    if torch.is_grad_enabled() or x.device.type != "cpu" or compute_dtype() != dtype or not x.is_floating_point():
         return type(layer).forward(layer, x)
-    return linear(x, packed, layer.bias, out_features)
+    if x.dtype != dtype and not cpu_autocast():  # outside autocast a float32 layer takes float32 inputs only
+        return type(layer).forward(layer, x)
+    return linear(x.to(dtype), packed, bias, out_features)
 
 
 def _weight_as_linear(layer: nn.Module) -> torch.Tensor | None:
@@ -101,16 +124,18 @@ def _weight_as_linear(layer: nn.Module) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def prepacked_linears(model: nn.Module, enabled: bool = True):
-    """Run ``model``'s float32 CPU linear layers from oneDNN-packed copies of their weights inside the block."""
+def prepacked_linears(model: nn.Module, enabled: bool = True, dtype: torch.dtype = torch.float32):
+    """Run ``model``'s float32 CPU linear layers from oneDNN-packed copies of their weights inside the block, packed
+    to compute in ``dtype`` (bfloat16: for use under bf16 CPU autocast)."""
     patched = []
     try:
-        if enabled and available():
+        if enabled and packs(dtype):
             for layer in model.modules():
                 weight = _weight_as_linear(layer)
                 if weight is None or not packable(layer.weight) or "forward" in vars(layer):
                     continue
-                layer.forward = partial(_packed_forward, layer, pack(weight), weight.shape[0])
+                bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
+                layer.forward = partial(_packed_forward, layer, pack(weight, dtype), bias, weight.shape[0])
                 patched.append(layer)
         yield len(patched)
     finally:

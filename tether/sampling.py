@@ -5,9 +5,10 @@ step; this loop does only what tether's sampling needs: one forward of the new t
 cache, the LM head on the last position only, temperature, top-k, top-p and min-new-tokens on float32 logits, and
 stop tokens handled in the loop (finished rows are filled with the first stop id;
 :func:`tether.rollout.mask_after_eos` turns them into padding). What it records (:class:`Sampled`) saves the
-policy's forward pass over the rollout. On the CPU in float32 (``fast_decoding``) the linear layers run from
-oneDNN-packed weights (:mod:`tether.prepack`) and Llama-family models through :class:`tether.decoding.LeanDecoder`
-with a static KV cache; elsewhere each step is the model's own ``transformers`` forward (:class:`TransformersSteps`).
+policy's forward pass over the rollout. On the CPU in float32 or bf16 autocast (``fast_decoding``) the linear layers
+run from oneDNN-packed weights (:mod:`tether.prepack`) and Llama-family models through
+:class:`tether.decoding.LeanDecoder` with a static KV cache; elsewhere each step is the model's own ``transformers``
+forward (:class:`TransformersSteps`).
 
 Each row draws its tokens by inverting the softmax's cumulative distribution at one uniform number that is a hash of
 ``(row key, step)``: the token whose interval of the cumulative sum (float64) holds ``u`` times the total. A row's
@@ -27,7 +28,7 @@ import torch
 
 from tether.decoding import lean_decoder
 from tether.models import model_inputs, trunk
-from tether.prepack import cpu_autocast, prepacked_linears
+from tether.prepack import compute_dtype, prepacked_linears
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -42,7 +43,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     min_new_tokens: int = 0  # stop tokens are masked out before this many response tokens (0: off)
-    fast_decoding: bool = True  # CPU float32: oneDNN-packed weights (tether.prepack), LeanDecoder where it applies
+    fast_decoding: bool = True  # CPU float32 or bf16 autocast: oneDNN-packed weights, LeanDecoder where it applies
     compile: bool = False  # the LeanDecoder's one-token step through torch.compile
 
     @classmethod
@@ -207,10 +208,11 @@ def sample(
     was_training = model.training
     model.eval()
     with autocast():
-        fast = sampling.fast_decoding and not cpu_autocast()
+        dtype = compute_dtype()  # float32, or bf16 under bf16 CPU autocast: the packed weights' dtype
+    fast = sampling.fast_decoding
     length = prompt_ids.shape[1] + sampling.max_new_tokens
-    decoder = lean_decoder(model, batch, length, sampling.compile) if fast else None
-    with prepacked_linears(model, fast and decoder is None):
+    decoder = lean_decoder(model, batch, length, sampling.compile, dtype) if fast else None
+    with prepacked_linears(model, fast and decoder is None, dtype):
         inputs = model_inputs(prompt_ids, prompt_mask, stops[0])
         steps = _decode(decoder or TransformersSteps(model), inputs, sampling, stops, keys, autocast, record)
     model.train(was_training)
