@@ -232,9 +232,7 @@ def side_by_side(name, policy, reward, prompts, work, args, sides=("tether", "tr
                 own = ["--side=tether", f"--value={value}", *(f"--set={o}" for o in args.set)]
                 record = run_side(sys.executable, Path(__file__), own, common)
             else:
-                bf16 = getattr(args, "bf16", False) and "--bf16" not in trl_extra
-                extra = [*trl_extra, *(["--bf16"] if bf16 else [])]
-                record = run_side(args.trl_python, TRL_SIDE, common, extra)
+                record = run_side(args.trl_python, TRL_SIDE, common, list(trl_extra))
             runs[side].append(record)
     result = summarise(name, runs, useful_flops(policy, work, value), args.peak)
     result["work"], result["runs"] = work | {"value": value}, runs
@@ -325,6 +323,7 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(args.threads)
     settings = args.settings.split(",")
+    trl_extra = ["--bf16"] if args.bf16 else []  # and tether's side model.dtype=bfloat16
     if args.bf16:
         args.set = [*args.set, "model.dtype=bfloat16"]
     args.peak = matmul_peak()
@@ -339,12 +338,18 @@ def main(argv=None) -> None:
             real_reward = reward_folder(real, args.work)
             real_prompts = prompt_file(real, 16 * (args.warmup + args.iterations), args.work)
         if "real" in settings:
-            results["settings"].append(side_by_side("real", real, real_reward, real_prompts, SETTINGS["real"], args))
+            work = SETTINGS["real"]
+            results["settings"].append(
+                side_by_side("real", real, real_reward, real_prompts, work, args, trl_extra=trl_extra)
+            )
         if "tiny" in settings:
             tiny = tiny_folder(args.work)
             work = SETTINGS["tiny"]
             prompts = prompt_file(tiny, work["batch"] * (args.warmup + args.iterations), args.work)
-            results["settings"].append(side_by_side("tiny", tiny, reward_folder(tiny, args.work), prompts, work, args))
+            tiny_reward = reward_folder(tiny, args.work)
+            results["settings"].append(
+                side_by_side("tiny", tiny, tiny_reward, prompts, work, args, trl_extra=trl_extra)
+            )
         if "head" in settings:
             head = side_by_side("head", real, real_reward, real_prompts, SETTINGS["real"], args, ("tether",), "head")
             results["settings"].append(head)
