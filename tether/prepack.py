@@ -107,9 +107,8 @@ def packable(weight: torch.Tensor) -> bool:
 def _packed_forward(layer: nn.Module, packed: torch.Tensor, bias, out_features: int, x: torch.Tensor) -> torch.Tensor:
     """The layer's output from the packed weight, or its own forward where the packed path does not apply."""
     dtype = packed.dtype
-    if torch.is_grad_enabled() or x.device.type != "cpu" or compute_dtype() != dtype or not x.is_floating_point():
-        return type(layer).forward(layer, x)
-    if x.dtype != dtype and not cpu_autocast():  # outside autocast a float32 layer takes float32 inputs only
+    plain = torch.is_grad_enabled() or x.device.type != "cpu" or compute_dtype() != dtype
+    if plain or (dtype == torch.float32 and x.dtype != dtype):  # bf16 copies (autocast) take any float input
         return type(layer).forward(layer, x)
     return linear(x.to(dtype), packed, bias, out_features)
 
