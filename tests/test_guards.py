@@ -100,8 +100,8 @@ def test_non_finite_steps_are_skipped_then_restored(trainer_for, tmp_path):
 
     def poisoned():  # optimizer steps 5 to 8 (all of iteration 2, the start of 3) see an infinite gradient
         calls.append(1)
-        norm = real()
-        return math.inf if 5 <= len(calls) <= 8 else norm
+        norms = real()
+        return {k: math.inf for k in norms} if 5 <= len(calls) <= 8 else norms
 
     trainer.clip_gradients = poisoned
     trainer.train(PROMPTS, tmp_path, **QUIET)

@@ -21,7 +21,7 @@ def resident(module) -> bool:
     return all(p.numel() > 0 for p in module.parameters())
 
 
-def run(tiny_ppo_args, tmp_path, device, offload: bool, seen: list | None = None):
+def run(tiny_ppo_args, tmp_path, device, offload: bool, seen: list | None = None, scoring: list | None = None):
     config = build_config(
         overrides=[
             *tiny_ppo_args,
@@ -39,15 +39,22 @@ def run(tiny_ppo_args, tmp_path, device, offload: bool, seen: list | None = None
         if seen is not None:
             seen.append([resident(m) for m in (trainer.reference, trainer.scorer.model, trainer.gold.model)])
 
+    if scoring is not None:  # while each frozen role runs: whether the other one is resident
+        ref, rm = trainer.reference, trainer.scorer.model
+        hook = ref.get_input_embeddings().register_forward_pre_hook  # the forwards call the trunks' parts
+        hook(lambda *_: scoring.append(("reference", resident(rm))))
+        rm.get_input_embeddings().register_forward_pre_hook(lambda *_: scoring.append(("reward", resident(ref))))
     trainer.train(PROMPTS, tmp_path, on_step=watch)
     return trainer, read_metrics(tmp_path / "metrics.jsonl")
 
 
 def test_offloaded_run_gives_the_same_numbers_and_keeps_frozen_roles_away(tiny_ppo_args, tmp_path, device):
     plain, plain_rows = run(tiny_ppo_args, tmp_path / "plain", device, offload=False)
-    seen = []
-    moved, moved_rows = run(tiny_ppo_args, tmp_path / "moved", device, offload=True, seen=seen)
+    seen, scoring = [], []
+    moved, moved_rows = run(tiny_ppo_args, tmp_path / "moved", device, offload=True, seen=seen, scoring=scoring)
     assert seen == [[False, False, False]] * 2  # off the device through the update, every iteration
+    assert {role for role, _ in scoring} == {"reference", "reward"}
+    assert not any(other for _, other in scoring)  # scoring brings back one frozen role at a time
     for a, b in zip(plain_rows, moved_rows, strict=True):
         keys = [k for k in a if not k.startswith(("time/", "perf/"))]
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}

@@ -126,27 +126,41 @@ def test_separate_critic_from_the_reward_model(tiny_ppo_args, tmp_path, device):
     assert torch.equal(trainer.scorer.model.score.weight, rm_head)
 
 
-def test_a_separate_critic_after_the_policy_gives_the_gradients_of_the_summed_loss(
+def test_a_separate_critic_updated_after_the_policy_gives_the_weights_of_one_step(
     tiny_ppo_args, tmp_path, device, monkeypatch
 ):
-    """On one process the critic's forward and backward run after the policy's backward (its activations freed):
-    the gradients are those of one backward of pg_loss + vf_coef * vf_loss."""
-    config = ppo_config(tiny_ppo_args, tmp_path, "model.value_model=separate", "ppo.vf_coef=0.3", device=device)
-    trainer = PPOTrainer.from_config(config)
-    assert trainer.split_backward
+    """On one process the critic's pass runs after the policy's step, whose gradients are freed first: the weights
+    and statistics are those of one backward of pg_loss + vf_coef * vf_loss and one step, each model clipped on its
+    own (both clipped here), over two micro-batches."""
+    import copy
+
+    overrides = ("model.value_model=separate", "ppo.vf_coef=0.3", "ppo.max_grad_norm=0.01", "ppo.micro_batch_size=2")
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, *overrides, device=device))
+    assert trainer.split_update
+    ac = trainer.actor_critic
     rollout = trainer.compute_advantages(trainer.compute_rewards(trainer.rollout(PROMPTS[:4])))
-    num_tokens = rollout.response_mask.sum().float()
-    grads, stats = {}, {}
+    start = copy.deepcopy((ac.state_dict(), trainer.optimizer.state_dict(), trainer.update_index))
+    seen = []  # whether the policy held gradients when the critic's were made
+    hook = next(ac.critic.parameters()).register_post_accumulate_grad_hook(
+        lambda p: seen.append(any(q.grad is not None for q in ac.policy.parameters()))
+    )
+    weights, stats = {}, {}
     for split in (True, False):
-        monkeypatch.setattr(PPOTrainer, "split_backward", property(lambda self, split=split: split))
-        trainer.optimizer.zero_grad(set_to_none=True)
-        stats[split] = trainer.micro_step(rollout, rollout.prompt_ids.shape[1], num_tokens)
-        grads[split] = {n: p.grad.clone() for n, p in trainer.actor_critic.named_parameters() if p.grad is not None}
-    assert grads[True].keys() == grads[False].keys()
-    assert any(n.startswith("policy.") for n in grads[True]) and any(n.startswith("critic.") for n in grads[True])
-    for name, grad in grads[True].items():
-        torch.testing.assert_close(grad, grads[False][name], rtol=1e-6, atol=1e-9, msg=name)
-    assert stats[True] == pytest.approx(stats[False], rel=1e-6, abs=1e-9)
+        monkeypatch.setattr(PPOTrainer, "split_update", property(lambda self, split=split: split))
+        ac.load_state_dict(start[0])
+        trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
+        trainer.update_index = start[2]
+        seen.clear()
+        done, _ = trainer.minibatch_step(rollout, rollout.prompt_ids.shape[1])
+        stats[split] = {k: total / weight for k, (total, weight) in done.items()}
+        weights[split] = snapshot(ac)
+        assert len(seen) == 2 and (not any(seen) if split else seen[-1])
+    hook.remove()
+    assert stats[True]["ppo/grad_norm"] > 0.01 and stats[True]["ppo/critic_grad_norm"] > 0.01
+    assert stats[True] == pytest.approx(stats[False], rel=1e-5, abs=1e-7)
+    assert changed(start[0], ac) and weights[True].keys() == weights[False].keys()
+    for name, value in weights[True].items():
+        torch.testing.assert_close(value, weights[False][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_compiled_update_gives_the_eager_numbers(tiny_ppo_args, tmp_path, device):
@@ -231,3 +245,27 @@ def test_fewer_prompts_than_a_rollout_batch_cycle_through(tiny_ppo_args, tmp_pat
     trainer.train(PROMPTS[:3], tmp_path, on_step=lambda t, rollout: seen.append(len(rollout)))
     assert seen == [8]  # a full rollout batch of 8, drawn from 3 prompts by reshuffled passes
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == 1
+
+
+def test_adam_state_made_up_front_trains_the_same_weights(tiny_ppo_args, tmp_path):
+    """On a CPU the trainer makes Adam's state before the first rollout (memory placement only): the same weights and
+    moments as the state Adam makes itself at its first step."""
+    trainers = {}
+    for upfront in (True, False):
+        torch.manual_seed(0)
+        config = ppo_config(tiny_ppo_args, tmp_path / str(upfront), "model.value_model=separate", "ppo.steps=2")
+        trainer = PPOTrainer.from_config(config)
+        trained = [p for p in trainer.actor_critic.parameters() if p.requires_grad]
+        assert len(trainer.optimizer.state) == len(trained)
+        assert all(not s["exp_avg"].any() and s["step"] == 0 for s in trainer.optimizer.state.values())
+        if not upfront:
+            trainer.optimizer.state.clear()  # Adam's own lazy state
+        trainer.train(PROMPTS, tmp_path / str(upfront))
+        trainers[upfront] = trainer
+    for a, b in zip(trainers[True].actor_critic.parameters(), trainers[False].actor_critic.parameters(), strict=True):
+        assert torch.equal(a, b)
+    states = [trainers[k].optimizer.state_dict()["state"] for k in (True, False)]
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert all(torch.equal(states[0][k][n], states[1][k][n]) for n in ("step", "exp_avg", "exp_avg_sq"))
+        assert states[0][k]["step"].dtype == states[1][k]["step"].dtype

@@ -218,7 +218,7 @@ class PPOParams:
     missing_eos_penalty: float | None = None
     """Subtract this from the score of a response that never stops (none = off)."""
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm (none = off)."""
+    """Clip each trained model's gradient norm: the policy's (with a value head), a separate critic's (none = off)."""
     save_every: int = 0
     """Write a full checkpoint every this many iterations (0 = only at the start and the end)."""
     keep_checkpoints: int = 3

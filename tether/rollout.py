@@ -137,7 +137,7 @@ def collect_rollout(
     stops: list[int] | None = None,
     keys: torch.Tensor | None = None,
     clock: dict | None = None,
-    scoring=nullcontext,
+    scoring=lambda role: nullcontext(),
 ) -> Rollout:
     """Sample responses and fill a Rollout with old/reference log-probs, values and raw scores.
 
@@ -147,7 +147,8 @@ def collect_rollout(
     (:func:`tether.sampling.row_keys`). A scorer returns (B,) scores; one with a ``score_steps`` method
     (``tether.rewards``' scorers) is asked for ``(raw_scores, step_scores)`` instead. ``clock``, when given, receives
     the seconds spent sampling (``time/sample``) and scoring (``time/score``: the scorer and the other passes).
-    ``scoring`` is the context the scoring runs in (``model.offload_frozen`` brings the frozen roles back there).
+    ``scoring(role)`` is the context the reward model's (``"reward"``) and then the other passes (``"reference"``)
+    run in: ``model.offload_frozen`` brings that frozen role back there, one at a time.
     """
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     stops = stops or [eos_id]
@@ -157,11 +158,12 @@ def collect_rollout(
     sampled_at = time.perf_counter()
     scored = (prompt_ids, prompt_mask, response_ids, response_mask)
     score_steps = getattr(scorer, "score_steps", None)  # scores on the tokens where steps end, besides the outcome
-    with scoring():
+    with scoring("reward"):
         if score_steps is None:
             raw_scores, step_scores = scorer(*scored, tokenizer=tokenizer, prompts=prompts), None
         else:
             raw_scores, step_scores = score_steps(*scored, tokenizer=tokenizer, prompts=prompts)
+    with scoring("reference"):
         rollout = build_rollout(
             actor_critic,
             reference,

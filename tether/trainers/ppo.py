@@ -48,7 +48,7 @@ from tether.rollout import Sampling, collect_rollout, stop_ids
 from tether.sampling import row_keys
 from tether.roles import load_roles
 from tether.stages import stage_at, total_updates
-from tether.trainers.common import Shown, progress, stop_requests, write_summary
+from tether.trainers.common import Shown, allocate_adam_state, progress, stop_requests, write_summary
 from tether.trainers.rails import SafetyRails
 from tether.trainers.update import PPOUpdate
 from tether.tracking import MetricLogger, read_metrics
@@ -134,8 +134,10 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         self.tokenizer, self.scorer, self.gold = tokenizer, scorer, gold
         # model.offload_frozen: the frozen roles leave the device for sampling and the update (tether.offload)
         offload = config.model.offload_frozen
-        frozen = [self.reference, getattr(scorer, "model", None)]
-        self.scoring_roles = Offloaded(frozen, keep=self.actor_critic) if offload else None
+        frozen = {"reference": self.reference, "reward": getattr(scorer, "model", None)}
+        # each role leaves on its own, so scoring brings back one at a time (the reward model's memory, freed, is
+        # the reference's)
+        self.scoring_roles = {k: Offloaded([m], keep=self.actor_critic) for k, m in frozen.items()} if offload else {}
         self.gold_role = Offloaded([getattr(gold, "model", None)], keep=self.actor_critic) if offload else None
         self.phrases = parse_phrases(self.cfg.filler_phrases)
         self.stops = stop_ids(tokenizer, actor_critic.policy)  # EOS, and a chat model's end-of-turn tokens
@@ -143,6 +145,8 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         params = [p for p in actor_critic.parameters() if p.requires_grad]
         # fused: one kernel per step, no temporary copies of the whole parameter set (less time and peak memory)
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps, fused=True)
+        if self.device.type == "cpu":  # glibc's heap; a GPU's caching allocator needs no help
+            allocate_adam_state(self.optimizer)
         self.kl_ctl = kl_controller(self.cfg.kl_control, self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
         self.moments = RunningMoments()
         self.sampling = Sampling.from_config(config.sampling)
@@ -165,7 +169,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         with the noise of (seed, iteration, i). ``clock`` receives the sampling and scoring seconds."""
         max_prompt_length = self.config.sampling.max_prompt_length
         if self.envs:
-            with present(self.scoring_roles):
+            with present(*self.scoring_roles.values()):
                 return collect_episodes(
                     self.actor_critic,
                     self.reference,
@@ -197,7 +201,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
                 stops=self.stops,
                 keys=row_keys(self.config.seed, self.iteration, range(len(prompts))[rows]),
                 clock=clock,
-                scoring=lambda: present(self.scoring_roles),
+                scoring=lambda role: present(self.scoring_roles.get(role)),
             )
         return gather_rollout(rollout, self.tokenizer.pad_token_id)
 
@@ -274,7 +278,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         logger = MetricLogger.from_config(run_dir, self.config, echo, display=bar)
         if self.saved_at is None:
             self.save(checkpoints)
-        with stop_requests() as stop, logger, bar, evicted(self.scoring_roles, self.gold_role):
+        with stop_requests() as stop, logger, bar, evicted(*self.scoring_roles.values(), self.gold_role):
             while self.iteration < self.config.ppo.steps and not self.stopped:
                 t0 = time.perf_counter()
                 self.enter_stage(bar.echo)

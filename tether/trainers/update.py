@@ -44,7 +44,6 @@ class PPOUpdate:
                         weights[k] += weight
                 if self.stop_epochs():
                     break
-        self.optimizer.zero_grad(set_to_none=True)  # the last step's gradients: their memory is the rollout's
         stats = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
         lr = self.optimizer.param_groups[0]["lr"] if lr is None else lr
         return stats | {"ppo/lr": lr, "guard/skipped_steps": skipped}
@@ -58,37 +57,55 @@ class PPOUpdate:
 
     def minibatch_step(self, mb: Rollout, prompt_length: int) -> tuple[dict | None, float | None]:
         """The micro-batches' forwards and backwards, gradient clipping and one optimizer step: ``({metric: (sum,
-        weight)}, lr)``, or ``(None, lr)`` when the loss or gradient is not finite and nothing was applied.
+        weight)}, lr)``, or ``(None, lr)`` when a loss or gradient is not finite.
 
-        On several processes each takes its block of the minibatch; the losses are normalised by the whole
-        minibatch's token count and the statistics summed over the processes."""
+        With a separate critic on one process (:attr:`split_update`) this runs twice: the policy's pass and step,
+        whose gradients are then freed, and the critic's. The models share no weight and Adam works per weight, so
+        the weights are those of one step (tested); one model's gradients are alive at a time instead of two. A pass
+        whose loss or gradient is not finite applies nothing. On several processes each takes its block of the
+        minibatch; the losses are normalised by the whole minibatch's token count and the statistics summed over
+        the processes."""
         num_tokens = mb.response_mask.sum().clamp(min=1).float()
+        lr = self.scheduled_lr()
+        self.update_index += 1
+        if lr is not None:
+            set_lr(self.optimizer, lr)
+        sums, weights, finite = defaultdict(float), defaultdict(float), True
+        for part in ("policy", "critic") if self.split_update else (None,):
+            part_sums, part_weights = self.accumulate(mb, prompt_length, num_tokens, part)
+            norms = self.clip_gradients()
+            if all(math.isfinite(v) for k, v in (part_sums | norms).items() if k.startswith("loss/") or k in norms):
+                self.optimizer.step()  # the weights with a gradient: this pass's model(s)
+            else:
+                finite = False  # nothing of this pass is applied
+            self.optimizer.zero_grad(set_to_none=True)  # freed for the next pass, and the rollout after the update
+            sums |= part_sums | norms
+            weights |= part_weights | dict.fromkeys(norms, 1)
+        if not finite:
+            self.guards.bad_steps += 1
+            return None, lr
+        self.guards.bad_steps = 0
+        if "loss/total" not in sums:
+            sums["loss/total"] = sums["loss/policy"] + self.cfg.vf_coef * sums["loss/value"]
+            weights["loss/total"] = weights["loss/policy"]
+        return {k: (sums[k], weights[k]) for k in sums}, lr
+
+    def accumulate(self, mb: Rollout, prompt_length: int, num_tokens, part: str | None) -> tuple[dict, dict]:
+        """This process's micro-batches of ``mb`` forward and backward for ``part`` (:meth:`micro_step`), the
+        gradients accumulated: their statistics' (sums, weights) over every process."""
         rows = range(len(mb))[distributed.shard(len(mb))]
-        self.optimizer.zero_grad(set_to_none=True)
         sums, weights = defaultdict(float), defaultdict(float)
+        self.optimizer.zero_grad(set_to_none=True)
         for start in range(rows.start, rows.stop, self.micro_batch_size):
             micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, rows.stop), device=self.device))
             n = micro.response_mask.sum().item()
             last = start + self.micro_batch_size >= rows.stop
             with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
-                micro_stats = self.micro_step(micro, prompt_length, num_tokens)
+                micro_stats = self.micro_step(micro, prompt_length, num_tokens, part)
             for k, v in micro_stats.items():
                 sums[k] += v * n
                 weights[k] += n
-        sums, weights = self.global_sums(sums, weights)
-        grad_norm = self.clip_gradients()
-        lr = self.scheduled_lr()
-        self.update_index += 1
-        if not (math.isfinite(sums["loss/total"]) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)  # skip: nothing of this minibatch is applied
-            self.guards.bad_steps += 1
-            return None, lr
-        self.guards.bad_steps = 0
-        sums["ppo/grad_norm"], weights["ppo/grad_norm"] = grad_norm, 1
-        if lr is not None:
-            set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        return {k: (sums[k], weights[k]) for k in sums}, lr
+        return self.global_sums(sums, weights)
 
     @staticmethod
     def global_sums(sums: dict, weights: dict) -> tuple[dict, dict]:
@@ -106,57 +123,55 @@ class PPOUpdate:
         """Whether to end the PPO epochs early, after each epoch (never here; the legacy trainer's early_stopping)."""
         return False
 
-    def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor) -> dict[str, float]:
+    def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor, part=None) -> dict:
         """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count.
 
-        A separate critic on one process is run after the policy's backward (:meth:`split_backward`): the two losses
-        touch disjoint weights, so the gradients are those of their sum, and the policy's activations are freed
-        before the critic's are made: one model's graph alive instead of two (SmolLM2, 8 x 64 tokens: 1.2 of 2.4 GiB;
-        on the CPU glibc's reuse of freed memory hides most of it in the process's peak RSS, 6.61 against 6.64)."""
-        split, world = self.split_backward, distributed.world_size()
+        ``part``: None for both losses in one backward; "policy" or "critic" for that model's loss alone (a separate
+        critic's pass, :meth:`minibatch_step`). The legacy trainer's hooks (:meth:`loss_weight`,
+        :meth:`micro_extras`) see the policy's pass and the joint one; its value model is always a head."""
         args = (micro.sequence_ids, micro.attention_mask, prompt_length)
-        with self.placement.autocast():  # the forward (and so its backward) in bf16; logits and values in float32
-            if split:
-                logits = response_logits(self.actor_critic.policy, *args, self.sampling.temperature, self.fill_id)
-            else:
-                logits, new_values = self.model(*args, self.sampling.temperature, self.fill_id)
         mask = micro.response_mask.float()
-        new_logprobs, entropy = logprobs_and_entropy(logits, gather_ids(micro.response_ids, mask, self.fill_id))
-        del logits  # (B, T, V): the graph keeps it only until the policy's backward
-        pg_loss, pg_stats = ppo_policy_loss(
-            new_logprobs, micro.logprobs, micro.advantages, mask, self.cfg.clip_range, loss_denominator=num_tokens
-        )
-        weight = self.loss_weight(new_logprobs, micro)
-        pg_loss = pg_loss * weight
-        if split:
-            (pg_loss * world).backward()  # frees the policy's graph before the critic's forward
+        scale = num_tokens.item() / max(mask.sum().item(), 1.0)  # per-token means of this micro-batch
+        stats, loss, weight = {}, 0.0, 1.0
+        if part != "critic":
+            with self.placement.autocast():  # the forward (and so its backward) in bf16; logits, values in float32
+                if part == "policy":
+                    logits = response_logits(self.actor_critic.policy, *args, self.sampling.temperature, self.fill_id)
+                else:
+                    logits, new_values = self.model(*args, self.sampling.temperature, self.fill_id)
+            new_logprobs, entropy = logprobs_and_entropy(logits, gather_ids(micro.response_ids, mask, self.fill_id))
+            del logits  # (B, T, V): the graph keeps it only until the backward
+            pg_loss, pg_stats = ppo_policy_loss(
+                new_logprobs, micro.logprobs, micro.advantages, mask, self.cfg.clip_range, loss_denominator=num_tokens
+            )
+            weight = self.loss_weight(new_logprobs, micro)
+            loss = pg_loss * weight
+            with torch.no_grad():
+                entropy = masked_mean(entropy, mask)
+            stats |= {"loss/policy": loss.item() * scale, "ppo/entropy": entropy.item()}
+            stats |= {f"ppo/{k}": v.item() for k, v in pg_stats.items()}
+        if part == "critic":
             with self.placement.autocast():
                 new_values = self.actor_critic.values(*args, self.fill_id, None)
-        vf_loss, vf_stats = ppo_value_loss(
-            new_values, micro.values, micro.returns, mask, self.cfg.value_clip_range, loss_denominator=num_tokens
-        )
-        vf_loss = vf_loss * weight
-        loss = pg_loss + self.cfg.vf_coef * vf_loss
-        ((self.cfg.vf_coef * vf_loss if split else loss) * world).backward()  # DDP averages over the processes
-        with torch.no_grad():
-            entropy = masked_mean(entropy, mask)
-            extra = self.micro_extras(new_logprobs, new_values, micro)
-        scale = num_tokens.item() / max(mask.sum().item(), 1.0)  # per-token means of this micro-batch
-        return {
-            "loss/policy": pg_loss.item() * scale,
-            "loss/value": vf_loss.item() * scale,
-            "loss/total": loss.item() * scale,
-            "ppo/entropy": entropy.item(),
-            **{f"ppo/{k}": v.item() for k, v in pg_stats.items()},
-            **{f"ppo/{k}": v.item() for k, v in vf_stats.items() if k != "value_mean"},
-            "ppo/vpred_mean": vf_stats["value_mean"].item(),
-            **extra,
-        }
+        if part != "policy":
+            vf_loss, vf_stats = ppo_value_loss(
+                new_values, micro.values, micro.returns, mask, self.cfg.value_clip_range, loss_denominator=num_tokens
+            )
+            vf_loss = vf_loss * weight
+            loss = loss + self.cfg.vf_coef * vf_loss
+            stats |= {"loss/value": vf_loss.item() * scale, "ppo/vpred_mean": vf_stats["value_mean"].item()}
+            stats |= {f"ppo/{k}": v.item() for k, v in vf_stats.items() if k != "value_mean"}
+        (loss * distributed.world_size()).backward()  # DDP averages over the processes
+        if part is None:
+            stats["loss/total"] = loss.item() * scale
+            with torch.no_grad():
+                stats |= self.micro_extras(new_logprobs, new_values, micro)
+        return stats
 
     @property
-    def split_backward(self) -> bool:
-        """Whether the policy's and a separate critic's backward passes run one after the other: on one process only
-        (DDP and FSDP expect one backward per forward of the module they wrap)."""
+    def split_update(self) -> bool:
+        """Whether the policy and a separate critic are updated one after the other (:meth:`minibatch_step`): on
+        one process only (DDP and FSDP expect one backward per forward of the module they wrap)."""
         return self.actor_critic.critic is not None and distributed.world_size() == 1
 
     @property
@@ -172,7 +187,18 @@ class PPOUpdate:
         """More statistics of a micro-batch (none here; the legacy trainer adds TRL's)."""
         return {}
 
-    def clip_gradients(self) -> float:
-        params = [p for p in self.actor_critic.parameters() if p.grad is not None]
+    def clip_gradients(self) -> dict[str, float]:
+        """Clip each trained model's gradient norm to ``ppo.max_grad_norm`` (none: no clipping): the policy's (with
+        its value head) and a separate critic's on their own, as separate optimizer engines do (DeepSpeed-Chat,
+        OpenRLHF). Returns the norms before clipping of the models that have gradients."""
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
-        return distributed.clip_grad_norm(params, max_norm)
+        ac, norms = self.actor_critic, {}
+        critic = {id(p) for p in ac.critic.parameters()} if ac.critic is not None else set()
+        trained = [p for p in ac.parameters() if p.grad is not None]
+        for key, params in (
+            ("ppo/grad_norm", [p for p in trained if id(p) not in critic]),
+            ("ppo/critic_grad_norm", [p for p in trained if id(p) in critic]),
+        ):
+            if params:
+                norms[key] = distributed.clip_grad_norm(params, max_norm)
+        return norms
