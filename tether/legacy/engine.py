@@ -74,10 +74,8 @@ class LegacyEngine(CorePPOTrainer):
     """
 
     def __init__(self, legacy, run_config, actor_critic, reference, tokenizer, optimizer=None):
-        super().__init__(run_config, actor_critic, reference, tokenizer, _user_scores_only)
+        super().__init__(run_config, actor_critic, reference, tokenizer, _user_scores_only, optimizer=optimizer)
         self.legacy = legacy
-        if optimizer is not None:
-            self.optimizer = optimizer
         self.kl_ctl = EstimatorKLController(self.kl_ctl)
         self.full_kl: torch.Tensor | None = None  # (B, T), set before step() when kl_penalty="full"
         self.ratios: list[torch.Tensor] = []  # every response token's ratio in the last step's updates

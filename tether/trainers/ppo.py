@@ -112,6 +112,8 @@ class PPOTrainer(SafetyRails, PPOUpdate):
             actor-critic is placed as trained and the reference as frozen (both in place).
         gold: a held-out judge, called like ``scorer`` on every rollout and logged as ``gold/score`` (never trained
             on); the proxy-vs-gold alarm watches it.
+        optimizer: over the actor-critic's trainable weights; None: Adam at ``ppo.lr`` (on a CPU its state is made
+            here, before any activation).
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         scorer,
         placement: Placement | None = None,
         gold=None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         self.config, self.cfg = config, config.ppo
         self.placement = placement or Placement.from_config(config.model)
@@ -142,11 +145,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         self.phrases = parse_phrases(self.cfg.filler_phrases)
         self.stops = stop_ids(tokenizer, actor_critic.policy)  # EOS, and a chat model's end-of-turn tokens
         self.envs = make_envs(self.cfg.env, self.cfg.rollout_batch_size)  # ppo.env: one per rollout row, kept
-        params = [p for p in actor_critic.parameters() if p.requires_grad]
-        # fused: one kernel per step, no temporary copies of the whole parameter set (less time and peak memory)
-        self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps, fused=True)
-        if self.device.type == "cpu":  # glibc's heap; a GPU's caching allocator needs no help
-            allocate_adam_state(self.optimizer)
+        self.optimizer = optimizer if optimizer is not None else self.adam(actor_critic)
         self.kl_ctl = kl_controller(self.cfg.kl_control, self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
         self.moments = RunningMoments()
         self.sampling = Sampling.from_config(config.sampling)
@@ -161,6 +160,15 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         self.saved_at: int | None = None  # iteration of the checkpoint that holds the current weights, if any
         self.events: list[dict] = []  # guard actions and interruptions, for summary.json
         self.stopped = False  # a guard stopped the run
+
+    def adam(self, actor_critic: ActorCritic) -> torch.optim.Adam:
+        """Adam over the trainable weights at ``ppo.lr``; fused: one kernel per step, no temporary copies of the whole
+        parameter set. On a CPU its state is made now (glibc's heap; a GPU's caching allocator needs no help)."""
+        params = [p for p in actor_critic.parameters() if p.requires_grad]
+        adam = torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps, fused=True)
+        if self.device.type == "cpu":
+            allocate_adam_state(adam)
+        return adam
 
     # ---- step 1 -----------------------------------------------------------------------------------------------
     def rollout(self, prompts: list, clock: dict | None = None) -> Rollout:

@@ -74,7 +74,8 @@ class PPOUpdate:
         for part in ("policy", "critic") if self.split_update else (None,):
             part_sums, part_weights = self.accumulate(mb, prompt_length, num_tokens, part)
             norms = self.clip_gradients()
-            if all(math.isfinite(v) for k, v in (part_sums | norms).items() if k.startswith("loss/") or k in norms):
+            losses = [v for k, v in part_sums.items() if k.startswith("loss/")]
+            if all(math.isfinite(v) for v in [*losses, *norms.values()]):
                 self.optimizer.step()  # the weights with a gradient: this pass's model(s)
             else:
                 finite = False  # nothing of this pass is applied
