@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from tether.config import RunConfig, build_config, field_docs, flat_keys, help_text, PPOParams
+from tether.config import PPOParams, RunConfig, build_config
+from tether.fields import field_docs, flat_keys, help_text
 from tether.errors import TetherError
 
 

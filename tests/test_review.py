@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tether.config import to_dict
+from tether.fields import to_dict
 from tether.demo.pipeline import demo_config
 from tether.demo.task import gold_score, is_correct, split_prompts
 from tether.errors import TetherError

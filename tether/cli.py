@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from tether import distributed
-from tether.config import RunConfig, build_config, help_text
+from tether.config import RunConfig, build_config
+from tether.fields import help_text
 from tether.errors import Interrupted, TetherError
 from tether.plot import PPO_CURVES, plot_metrics
 

@@ -8,19 +8,12 @@ relations are :class:`TetherError` s that name the field. The tutorial's TRL nam
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from tether.errors import TetherError
+from tether.fields import field_types, flat_keys, is_dataclass_type, load_yaml, override_value, parse_scalar
 
 
 @dataclass
@@ -424,69 +417,6 @@ ALIASES: dict[str, str] = {
 SWITCH_ALIASES: dict[str, tuple[str, str, str]] = {"ppo.adaptive_kl": ("ppo.kl_control", "adaptive", "fixed")}
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring written under each field of a config dataclass."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value).strip()
-    return docs
-
-
-def _parse_scalar(tp: Any, raw: Any, key: str) -> Any:
-    """Convert a YAML value or a command-line string to the field's type, or raise naming the key."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _parse_scalar(inner, raw, key)
-    if origin is Literal:
-        if raw not in args:
-            raise TetherError(f"{key}: {raw!r} is not one of {', '.join(map(str, args))}")
-        return raw
-    if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
-            return False
-        raise TetherError(f"{key}: expected true or false, got {raw!r}")
-    if tp is int:
-        if isinstance(raw, bool):
-            raise TetherError(f"{key}: expected an integer, got {raw!r}")
-        try:
-            value = float(raw) if isinstance(raw, str) else raw
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise TetherError(f"{key}: expected an integer, got {raw!r}") from None
-    if tp is float:
-        if isinstance(raw, bool):
-            raise TetherError(f"{key}: expected a number, got {raw!r}")
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise TetherError(f"{key}: expected a number, got {raw!r}") from None
-    if tp is str:
-        if isinstance(raw, (dict, list)):
-            raise TetherError(f"{key}: expected a string, got {raw!r}")
-        return "" if raw is None else str(raw)
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
 def canonical_key(key: str) -> str:
     """Map a dotted key (possibly a TRL alias, possibly without its section) to the canonical dotted key."""
     return ALIASES.get(key, key)
@@ -499,7 +429,7 @@ def set_value(config: Any, dotted: str, raw: Any, source: str = "") -> None:
     if key in SWITCH_ALIASES:
         target_key, on, off = SWITCH_ALIASES[key]
         try:
-            flag = _parse_scalar(bool, raw, key)
+            flag = parse_scalar(bool, raw, key)
         except TetherError as e:
             raise TetherError(f"{where}{e}") from None
         return set_value(config, target_key, on if flag else off, source)
@@ -512,18 +442,18 @@ def set_value(config: Any, dotted: str, raw: Any, source: str = "") -> None:
         if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
             raise TetherError(f"{where}unknown config key '{dotted}'")
         target = getattr(target, part)
-    hints = _field_types(type(target)) if dataclasses.is_dataclass(target) else {}
+    hints = field_types(type(target)) if dataclasses.is_dataclass(target) else {}
     if name not in hints:
         raise TetherError(f"{where}unknown config key '{dotted}'{_suggest(config, dotted)}")
     tp = hints[name]
-    if _is_dataclass_type(tp):
+    if is_dataclass_type(tp):
         if not isinstance(raw, dict):
             raise TetherError(f"{where}'{dotted}' is a section; give it a mapping of fields")
         for sub, value in raw.items():
             set_value(config, f"{key}.{sub}", value, source)
         return
     try:
-        setattr(target, name, _parse_scalar(tp, raw, key))
+        setattr(target, name, parse_scalar(tp, raw, key))
     except TetherError as e:
         raise TetherError(f"{where}{e}") from None
 
@@ -538,8 +468,8 @@ def parse_stages(raw: Any, where: str) -> list[Stage]:
         if not isinstance(item, dict):
             raise TetherError(f"{at}: expected a mapping with name, steps and ppo overrides")
         item = dict(item)
-        name = _parse_scalar(str, item.pop("name", f"stage{i + 1}"), f"{at}.name")
-        steps = _parse_scalar(int, item.pop("steps", None), f"{at}.steps")
+        name = parse_scalar(str, item.pop("name", f"stage{i + 1}"), f"{at}.name")
+        steps = parse_scalar(int, item.pop("steps", None), f"{at}.steps")
         if steps <= 0:
             raise TetherError(f"{at}.steps must be positive, got {steps}")
         probe, overrides = PPOParams(), {}
@@ -559,36 +489,6 @@ def _suggest(config: Any, dotted: str) -> str:
     return f" (did you mean '{hits[0]}'?)" if hits else ""
 
 
-def flat_keys(config: Any, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of a config, in declaration order."""
-    keys = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += flat_keys(value, f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config file into a mapping; errors name the file (and line for syntax errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TetherError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise TetherError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TetherError(f"{path}: the top level must be a mapping of config sections")
-    return data
-
-
 def build_config(config_file: str | None = None, overrides: list[str] | None = None, base: RunConfig | None = None):
     """Defaults (or ``base``) -> YAML file -> ``key=value`` overrides -> finalize()."""
     config = base if base is not None else RunConfig()
@@ -599,39 +499,5 @@ def build_config(config_file: str | None = None, overrides: list[str] | None = N
         if "=" not in item:
             raise TetherError(f"override '{item}' must look like section.field=value")
         key, raw = item.split("=", 1)
-        set_value(config, key.strip().lstrip("-"), _override_value(raw), source="command line")
+        set_value(config, key.strip().lstrip("-"), override_value(raw), source="command line")
     return config.finalize()
-
-
-def _override_value(raw: str):
-    """An override's value as YAML reads it (``0.1``, ``true``, ``null``, ``[a, b]``); text that is not valid YAML
-    (``,`` or ``a: b: c``) stays the string it is, and the field's type check decides."""
-    if not raw.strip():
-        return ""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def to_dict(config: Any) -> dict:
-    """The config as a nested plain dict (for YAML/JSON)."""
-    return dataclasses.asdict(config)
-
-
-def help_text(config: Any, sections: list[str] | None = None) -> str:
-    """One line per field: dotted key, default, and its docstring."""
-    lines = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            if sections is not None and f.name not in sections:
-                continue
-            docs = field_docs(type(value))
-            lines.append(f"{f.name}:")
-            for sub in dataclasses.fields(value):
-                default = getattr(value, sub.name)
-                lines.append(f"  {f'{f.name}.{sub.name}={default}':<34} {docs.get(sub.name, '')}")
-        else:
-            lines.append(f"{f'{f.name}={value}':<36} {field_docs(type(config)).get(f.name, '')}")
-    return "\n".join(lines)

@@ -27,7 +27,8 @@ from tether.checkpoint import (
     step_dir,
 )
 from tether import distributed
-from tether.config import RunConfig, to_dict
+from tether.config import RunConfig
+from tether.fields import to_dict
 from tether.errors import Interrupted, TetherError
 from tether.lora import export_policy
 from tether.precision import state_dict_in

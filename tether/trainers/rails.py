@@ -19,7 +19,7 @@ from tether.checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from tether.config import to_dict
+from tether.fields import to_dict
 from tether.errors import TetherError
 from tether.guards import Decision, check_bad_steps, check_kl
 from tether.rewards import RunningMoments
