@@ -15,6 +15,7 @@ from tether.config import build_config
 from tether.errors import TetherError
 from tether.legacy import PPOConfig
 from tether.models import load_causal_lm
+from tether import precision
 from tether.precision import Placement, frozen_fraction
 from tether.trainers.common import save_model
 from tether.trainers.ppo import PPOTrainer
@@ -235,3 +236,47 @@ def test_cpu_memory_reuse_stops_page_faulting_large_tensors_in_at_every_step():
     pages = 32 * 2**20 * 4 // 4096
     assert faults("release") > pages // 2
     assert faults("reuse") < pages // 100
+
+
+def no_bf16_instructions(monkeypatch, machine="x86_64", avx512_bf16=False, amx=False):
+    monkeypatch.setattr(precision.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+def placement_warnings(*overrides) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Placement.from_config(build_config(overrides=["model.device=cpu", *overrides]).model)
+    return [str(w.message) for w in caught]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
+    no_bf16_instructions(monkeypatch)
+    assert precision.cpu_has_bf16() is False
+    (message,) = placement_warnings("model.dtype=bfloat16")
+    assert message.startswith("model.dtype=bfloat16: this CPU has no bf16 instructions") and "\n" not in message
+    assert placement_warnings("model.dtype=float32") == []
+    for kind in ({"avx512_bf16": True}, {"amx": True}):  # either instruction set does bf16 in hardware
+        no_bf16_instructions(monkeypatch, **kind)
+        assert precision.cpu_has_bf16() is True
+        assert placement_warnings("model.dtype=bfloat16") == []
+    no_bf16_instructions(monkeypatch, machine="aarch64")  # the x86 probes say nothing of an Arm CPU
+    assert precision.cpu_has_bf16() is None
+    assert placement_warnings("model.dtype=bfloat16") == []
+
+
+def test_the_cli_prints_the_bf16_warning_on_one_line(tmp_path):
+    script = (
+        "import torch, sys; from tether import cli, precision\n"
+        "precision.platform.machine = lambda: 'x86_64'\n"
+        "torch.cpu._is_avx512_bf16_supported = torch.cpu._is_amx_tile_supported = lambda: False\n"
+        "cli.main(['sft', 'model.dtype=bfloat16', 'model.device=cpu', 'sft.steps=1', *sys.argv[1:]])\n"
+    )
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n' * 4)
+    run = [sys.executable, "-c", script, f"sft.data={tmp_path / 'sft.jsonl'}", f"output_dir={tmp_path / 'run'}"]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "bf16 instructions" in line]
+    assert lines == [lines[0]] and lines[0].startswith("tether: warning: model.dtype=bfloat16: this CPU has no bf16")
+    assert "UserWarning" not in result.stderr

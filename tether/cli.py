@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tether import distributed
 from tether.config import RunConfig, build_config
-from tether.fields import help_text
 from tether.errors import Interrupted, TetherError
+from tether.fields import help_text
 from tether.plot import PPO_CURVES, plot_metrics
 
 SECTIONS = {
@@ -304,8 +305,22 @@ def _labelled(label: str, text: str) -> str:
     return f"{label}: " + text.replace("\n", "\n" + " " * (len(label) + 2))
 
 
+def _tether_warnings_on_one_line() -> None:
+    """tether's own warnings (a setting that will not do what the user expects) as ``tether: warning: ...``; other
+    libraries' keep Python's format."""
+    package, python_format = str(Path(__file__).resolve().parent), warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            return f"tether: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     code = None
+    _tether_warnings_on_one_line()
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except TetherError as e:

@@ -15,6 +15,7 @@ when that is true of the median trained weight. float16 would need a gradient sc
 from __future__ import annotations
 
 import contextlib
+import platform
 import sys
 import warnings
 from dataclasses import dataclass
@@ -63,6 +64,15 @@ def reuse_freed_memory() -> bool:
     )
 
 
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 in hardware: on x86, AVX-512 BF16 or AMX (whose tiles come with bf16). None
+    where torch cannot tell (other architectures, PyTorch without the probes)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if platform.machine().lower() not in ("x86_64", "amd64") or None in probes:
+        return None
+    return any(probe() for probe in probes)
+
+
 def resolve_device(name: str = "auto", field: str = "model.device") -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else is passed to torch.device. Under torchrun, 'auto' and
     'cuda' mean this process's GPU, ``cuda:LOCAL_RANK``. Errors name the setting as ``field``."""
@@ -105,6 +115,13 @@ class Placement:
         device = resolve_device(model.device)
         if device.type == "cpu" and model.cpu_memory == "reuse":
             reuse_freed_memory()
+        if device.type == "cpu" and model.dtype == "bfloat16" and cpu_has_bf16() is False:
+            warnings.warn(
+                "model.dtype=bfloat16: this CPU has no bf16 instructions (AVX-512 BF16 or AMX), so bf16 is emulated "
+                "and runs slower than float32 (2.4x slower with AVX-512, 20x with AVX2 only, docs/real-models.md); "
+                "use model.dtype=float32",
+                stacklevel=2,
+            )
         return cls(device, DTYPES[model.dtype], model.master_weights)
 
     @property
