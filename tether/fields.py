@@ -21,10 +21,12 @@ from tether.errors import TetherError
 
 
 def is_dataclass_type(tp: Any) -> bool:
+    """Whether a field's type is a config section (a dataclass) rather than a value."""
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def field_types(cls: type) -> dict[str, Any]:
+    """Each field's type, with the annotations' strings resolved."""
     return typing.get_type_hints(cls)
 
 
