@@ -51,14 +51,20 @@ def padded_prompts():
 
 
 @pytest.mark.parametrize(
-    "family, compiled", [*((family, False) for family in FAMILIES), pytest.param("qwen2", True, marks=needs_compile)]
+    "family, compiled, packed",
+    [
+        *((family, False, True) for family in FAMILIES),
+        pytest.param("qwen2", True, True, marks=needs_compile),
+        *((family, False, False) for family in ("llama", "qwen2")),  # the plain multiplies of other devices
+    ],
 )
-def test_prompt_then_tokens_match_the_full_forward(family, compiled):
+def test_prompt_then_tokens_match_the_full_forward(family, compiled, packed):
     model = build(family)
     ids, mask = padded_prompts()
     steps = 4
-    decoder = lean_decoder(model, 3, ids.shape[1] + steps, compiled)
+    decoder = lean_decoder(model, 3, ids.shape[1] + steps, compiled, packed=packed)
     assert decoder is not None and decoder.keys[0].shape[2] == (64 if compiled else ids.shape[1] + steps)
+    assert decoder.blocks[0].qkv.packed == decoder.head.packed == packed
     inputs = model_inputs(ids, mask, 0)
     with torch.no_grad():
         logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
@@ -88,6 +94,61 @@ def test_the_sampler_on_it_samples_what_the_plain_path_samples(family, compiled)
     assert torch.equal(lean.tokens, plain.tokens)
     for name in ("logprobs", "entropy", "hidden"):
         torch.testing.assert_close(getattr(lean, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_on_cuda_its_graphed_step_samples_what_the_plain_path_samples(family):
+    """The one-token step captured as a CUDA graph and replayed: the same tokens as transformers' forward, the same
+    numbers to float rounding, and the rows that stop early give the same shapes despite the rarer stop checks."""
+    from tether.decoding import GraphedStep
+
+    model = build(family).cuda()
+    ids, mask = (t.cuda() for t in padded_prompts())
+    keys = row_keys(5, 0, range(3), device="cuda")
+    decoder = lean_decoder(model, 3, ids.shape[1] + 12)
+    assert isinstance(decoder.one_token, GraphedStep) and not decoder.head.packed
+    for stops in ([1], list(range(200))):  # rows running on; every row stopping at once
+        lean, plain = (
+            sample(model, ids, mask, Sampling(12, 0.8, fast_decoding=on), stops, keys, record=True)
+            for on in (True, False)
+        )
+        assert torch.equal(lean.tokens, plain.tokens)
+        for name in ("logprobs", "entropy", "hidden"):
+            torch.testing.assert_close(getattr(lean, name), getattr(plain, name), atol=1e-4, rtol=1e-4)
+    assert lean.tokens.shape[1] == 1
+
+
+@needs_cuda
+def test_on_cuda_under_bf16_autocast_the_graphed_step_computes_as_transformers_does():
+    model = build("llama").cuda()
+    ids, mask = (t.cuda() for t in padded_prompts())
+    keys = row_keys(5, 0, range(3), device="cuda")
+    on_cuda = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    lean, plain = (
+        sample(model, ids, mask, Sampling(8, fast_decoding=on), [1], keys, on_cuda, record=True)
+        for on in (True, False)
+    )
+    torch.testing.assert_close(lean.logprobs, plain.logprobs, atol=3e-2, rtol=0)
+    assert (lean.tokens == plain.tokens).float().mean() > 0.8  # a bf16 rounding may move a draw
+
+
+def test_checking_for_stopped_rows_less_often_gives_the_same_samples(monkeypatch):
+    """On a GPU the sampler asks whether every row has stopped once every few steps (each asking waits for the card),
+    then drops the steps decoded after they all had: the result is what asking at every step gives."""
+    model = build("llama")
+    ids, mask = padded_prompts()
+    keys = row_keys(2, 0, range(3))
+    stops = list(range(3, 120))  # most of the vocabulary: rows stop within a step or two
+    every_step = sample(model, ids, mask, Sampling(20), stops, keys, record=True)
+    monkeypatch.setattr(sampling, "stop_check_every", lambda device: 8)
+    every_eighth = sample(model, ids, mask, Sampling(20), stops, keys, record=True)
+    assert every_step.tokens.shape[1] < 8
+    for name in ("tokens", "logprobs", "entropy", "hidden"):
+        assert torch.equal(getattr(every_step, name), getattr(every_eighth, name))
 
 
 needs_bf16 = pytest.mark.skipif(not prepack.packs(torch.bfloat16), reason="oneDNN has no bf16 on this CPU")
@@ -141,6 +202,7 @@ def test_models_it_leaves_to_transformers():
     windowed = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=16))
     assert lean_decoder(windowed, 2, 16) is not None and lean_decoder(windowed, 2, 17) is None
     assert lean_decoder(build("llama").to(torch.bfloat16), 2, 16) is None
+    assert lean_decoder(build("llama").to(torch.bfloat16), 2, 16, packed=False) is None  # float32 weights only
     lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     assert lean_decoder(lora, 2, 16) is None  # LoRA layers run through transformers (their base layers packed)
 

@@ -73,9 +73,9 @@ class SamplingConfig:
     min_new_tokens: int = 0
     """Shortest response: stop tokens are held back until this many tokens are sampled (0 = off)."""
     fast_decoding: bool = True
-    """CPU, float32 or bf16 autocast: sample from oneDNN-packed weights, a static KV cache for Llama families."""
+    """oneDNN-packed weights on the CPU; for Llama families a lean static-cache forward (on CUDA a CUDA graph)."""
     compile: bool = False
-    """With fast_decoding on a float32 Llama family: torch.compile the one-token step (the first rollout pays it)."""
+    """With fast_decoding on a Llama family (CPU: float32): torch.compile the one-token step (first rollout pays)."""
     max_prompt_length: int = 128
     """Prompts longer than this many tokens are cut from the left."""
 

@@ -4,17 +4,24 @@ At batch 16 a SmolLM2 decoding step on two CPU cores spends about 31 ms in its l
 :mod:`tether.prepack`) and 20 more around them in ``transformers``: the cache growing its tensors by concatenation,
 the attention mask rebuilt at every step, a dozen module calls per layer. :class:`LeanDecoder` runs the same maths
 with the model's own weights, norms' epsilons and rotary embedding: a static KV cache written in place, q/k/v and
-gate/up each one packed multiply, an additive key mask, and only the last position's hidden state and logits. The
-numbers are ``transformers``' to float rounding (tested against its forward for each family, with left padding).
+gate/up each one multiply, an additive key mask, and only the last position's hidden state and logits. The numbers
+are ``transformers``' to float rounding (tested against its forward for each family, with left padding).
 
-It applies to the trunk classes named in ``FAMILIES`` whose linear layers are plain float32 CPU ``nn.Linear`` (not
+On the CPU its multiplies use oneDNN-packed copies of the weights; on other devices plain ones (q/k/v and gate/up
+concatenated, each weight cast once to the dtype autocast computes in). On CUDA its one-token step, whose tensors
+have the same shapes at every position, is captured once per sampling pass as a CUDA graph (:class:`GraphedStep`)
+and replayed at every later token: one launch per step, where ``transformers`` launches a few hundred kernels from
+Python and the step's time is the launches', not the card's.
+
+It applies to the trunk classes named in ``FAMILIES`` whose linear layers are plain float32 ``nn.Linear`` (not
 LoRA-wrapped) and whose attention sees the whole sequence (no sliding window shorter than it), on PyTorch 2.5 or later
 (grouped-query attention in ``scaled_dot_product_attention``); for every other model :func:`lean_decoder` returns
 None and the sampler uses ``transformers``' own forward.
 
-Under bf16 CPU autocast (``model.dtype=bfloat16``) it runs in autocast's dtypes, as ``transformers`` does there: the
-weights packed in bf16 once per sampling pass, the linear layers' outputs in bf16, the residual stream, norms and
-rotated keys in float32, attention's products in bf16 (to bf16 rounding of ``transformers`` under autocast, tested).
+Under bf16 autocast (``model.dtype=bfloat16``) it runs in autocast's dtypes, as ``transformers`` does there: the
+weights cast (CPU: packed) in bf16 once per sampling pass, the linear layers' outputs in bf16, the residual stream,
+norms and rotated keys in float32, attention's products in bf16 (to bf16 rounding of ``transformers`` under autocast,
+tested).
 """
 
 from __future__ import annotations
@@ -34,23 +41,29 @@ FAMILIES = ("LlamaModel", "MistralModel", "Qwen2Model")
 
 @dataclass
 class Projection:
-    """Linear layers side by side as one packed multiply (their outputs concatenated)."""
+    """Linear layers side by side as one multiply (their outputs concatenated)."""
 
-    weight: torch.Tensor  # oneDNN-packed, in the dtype the multiply computes in
+    weight: torch.Tensor  # oneDNN-packed (``packed``) or a plain (out, in) matrix, in the dtype it computes in
     bias: torch.Tensor | None
     width: int
+    packed: bool = True
 
     @classmethod
-    def of(cls, *layers: nn.Linear, dtype: torch.dtype = torch.float32) -> Projection:
-        weight = torch.cat([layer.weight.detach() for layer in layers])
+    def of(cls, *layers: nn.Linear, dtype: torch.dtype = torch.float32, packed: bool = True) -> Projection:
+        weights = [layer.weight.detach() for layer in layers]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # one layer: no copy unless cast or packed
         bias = None
         if any(layer.bias is not None for layer in layers):
             bias = torch.cat([layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
                               for layer in layers]).to(dtype)  # fmt: skip
-        return cls(prepack.pack(weight, dtype), bias, weight.shape[0])
+        if packed:
+            return cls(prepack.pack(weight, dtype), bias, weight.shape[0])
+        return cls(weight.to(dtype), bias, weight.shape[0], packed=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return prepack.linear(x.to(self.weight.dtype), self.weight, self.bias, self.width)
+        if self.packed:
+            return prepack.linear(x.to(self.weight.dtype), self.weight, self.bias, self.width)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 @dataclass
@@ -67,16 +80,17 @@ class Block:
     scaling: float
 
     @classmethod
-    def of(cls, layer: nn.Module, dtype: torch.dtype = torch.float32) -> Block:
+    def of(cls, layer: nn.Module, dtype: torch.dtype = torch.float32, packed: bool = True) -> Block:
         attention, mlp = layer.self_attn, layer.mlp
         head_dim = attention.head_dim
         heads = [attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim]
+        how = dict(dtype=dtype, packed=packed)
         return cls(
             (layer.input_layernorm, layer.post_attention_layernorm),
-            Projection.of(attention.q_proj, attention.k_proj, attention.v_proj, dtype=dtype),
-            Projection.of(attention.o_proj, dtype=dtype),
-            Projection.of(mlp.gate_proj, mlp.up_proj, dtype=dtype),
-            Projection.of(mlp.down_proj, dtype=dtype),
+            Projection.of(attention.q_proj, attention.k_proj, attention.v_proj, **how),
+            Projection.of(attention.o_proj, **how),
+            Projection.of(mlp.gate_proj, mlp.up_proj, **how),
+            Projection.of(mlp.down_proj, **how),
             (heads[0], heads[1], heads[1]),
             head_dim,
             attention.scaling,
@@ -95,36 +109,39 @@ def _window(attention: nn.Module) -> int | None:
     return getattr(attention.config, "sliding_window", None)  # Mistral: the config's
 
 
-def _plain_linear(layer) -> bool:
-    """A plain ``nn.Linear`` (not LoRA-wrapped) with a float32 CPU weight."""
-    return type(layer) is nn.Linear and prepack.packable(layer.weight)
+def _plain_linear(layer, packed: bool) -> bool:
+    """A plain ``nn.Linear`` (not LoRA-wrapped) with a plain float32 weight (``packed``: on the CPU)."""
+    if type(layer) is not nn.Linear:
+        return False
+    weight = layer.weight
+    return prepack.packable(weight) if packed else type(weight.data) is torch.Tensor and weight.dtype == torch.float32
 
 
-def _plain_layer(layer: nn.Module, length: int) -> bool:
-    """A decoder layer of plain float32 CPU linears and RMS norms, with full attention over ``length`` tokens."""
+def _plain_layer(layer: nn.Module, length: int, packed: bool) -> bool:
+    """A decoder layer of plain float32 linears and RMS norms, with full attention over ``length`` tokens."""
     attention, mlp = layer.self_attn, layer.mlp
     linears = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     linears += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     window = _window(attention)
     return (
-        all(_plain_linear(m) for m in linears)
+        all(_plain_linear(m, packed) for m in linears)
         and hasattr(attention, "scaling")
         and all(hasattr(n, "variance_epsilon") for n in norms)
         and (window is None or window >= length)
     )
 
 
-def _supported(model: nn.Module, length: int, dtype: torch.dtype) -> bool:
+def _supported(model: nn.Module, length: int, dtype: torch.dtype, packed: bool) -> bool:
     """Whether ``model`` is one this module reproduces, for sequences of up to ``length`` tokens, computing its linear
-    layers in ``dtype``."""
+    layers in ``dtype`` (``packed``: from oneDNN-packed weights)."""
     body = trunk(model)
-    if type(body).__name__ not in FAMILIES or not (_sdpa_has_gqa() and prepack.packs(dtype)):
+    if type(body).__name__ not in FAMILIES or not _sdpa_has_gqa() or (packed and not prepack.packs(dtype)):
         return False
     if getattr(body.config, "hidden_act", None) != "silu" or not hasattr(body, "rotary_emb"):
         return False
     head = model.get_output_embeddings()
-    return _plain_linear(head) and all(_plain_layer(layer, length) for layer in body.layers)
+    return _plain_linear(head, packed) and all(_plain_layer(layer, length, packed) for layer in body.layers)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -141,19 +158,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LeanDecoder:
     """A Llama-family trunk and LM head with a static KV cache for ``batch`` rows of up to ``length`` tokens.
 
-    It holds oneDNN-packed copies of the linear weights in ``dtype`` (bfloat16: for bf16 CPU autocast, under which it
-    must then run), so it is built for one sampling pass (the weights must not change while it lives).
-    :meth:`forward` takes the next block of positions (the left-padded prompt, then one token at a time) and returns
-    the logits and final hidden state at the block's last position. One token's step has the same shapes at every
-    position (it attends over the whole cache, the positions not yet written masked), so with ``compiled`` it runs
-    through ``torch.compile`` (``sampling.compile``): one compile per batch size and cache length, the length rounded
-    up to a multiple of :data:`LENGTH_BUCKET` so that prompts of other lengths reuse it.
+    It holds copies of the linear weights in ``dtype`` (``packed``: oneDNN-packed, on the CPU; bfloat16: for bf16
+    autocast, under which it must then run), so it is built for one sampling pass (the weights must not change while it
+    lives). :meth:`forward` takes the next block of positions (the left-padded prompt, then one token at a time) and
+    returns the logits and final hidden state at the block's last position. One token's step has the same shapes at
+    every position (it attends over the whole cache, the positions not yet written masked), so with ``compiled`` it
+    runs through ``torch.compile`` (``sampling.compile``): one compile per batch size and cache length, the length
+    rounded up to a multiple of :data:`LENGTH_BUCKET` so that prompts of other lengths reuse it; with ``graphed``
+    (CUDA) it is captured as a CUDA graph at the first token and replayed after.
     """
 
-    def __init__(self, model: nn.Module, batch: int, length: int, compiled: bool = False, dtype=torch.float32):
+    def __init__(self, model: nn.Module, batch: int, length: int, compiled: bool = False, dtype=torch.float32,
+                 packed: bool = True, graphed: bool = False):  # fmt: skip
         self.body = trunk(model)
-        self.blocks = [Block.of(layer, dtype) for layer in self.body.layers]
-        self.head = Projection.of(model.get_output_embeddings(), dtype=dtype)
+        self.blocks = [Block.of(layer, dtype, packed) for layer in self.body.layers]
+        self.head = Projection.of(model.get_output_embeddings(), dtype=dtype, packed=packed)
         weight, first = self.body.embed_tokens.weight, self.blocks[0]
         length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET if compiled else length
         shape = (batch, first.split[1], length, first.head_dim)
@@ -163,6 +182,8 @@ class LeanDecoder:
         self.allowed = torch.zeros(batch, length, dtype=torch.bool, device=weight.device)  # keys later tokens see
         self.filled = 0
         self.one_token = compiled_one_token() if compiled else one_token
+        if graphed:
+            self.one_token = GraphedStep(self.one_token)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None):
         """Logits (B, V) and hidden state (B, d) after ``ids`` (B, S) at ``positions`` (B, S).
@@ -172,7 +193,7 @@ class LeanDecoder:
         start, end = self.filled, self.filled + ids.shape[1]
         self.filled = end
         if ids.shape[1] == 1 and key_mask is None:  # one new token: the static step
-            return self.next_token(ids, positions, torch.tensor([start], device=ids.device))
+            return self.next_token(ids, positions, start)
         self.allowed[:, start:end] = True if key_mask is None else key_mask.bool()
         x = self.body.embed_tokens(ids)
         cos, sin = (t.unsqueeze(1) for t in self.body.rotary_emb(x, positions))
@@ -183,19 +204,25 @@ class LeanDecoder:
         hidden = rms_norm(x[:, -1], self.body.norm)
         return self.head(hidden), hidden
 
-    def next_token(self, ids: torch.Tensor, positions: torch.Tensor, index: torch.Tensor):
-        """:func:`one_token`, compiled or not; where the compiler fails, a warning and this process decodes eagerly
-        from then on (the step only writes slot ``index``, so running it again is safe)."""
+    def next_token(self, ids: torch.Tensor, positions: torch.Tensor, start: int):
+        """:func:`one_token` at cache slot ``start``, compiled, graphed or neither; where the compiler or the graph
+        capture fails, a warning and this decoder steps eagerly from then on (the step only writes slot ``start``, so
+        running it again is safe)."""
         try:
-            return self.one_token(self, ids, positions, index)
+            if isinstance(self.one_token, GraphedStep):
+                return self.one_token(self, ids, positions, start)
+            return self.one_token(self, ids, positions, torch.tensor([start], device=ids.device))
         except Exception as error:
             if self.one_token is one_token:
                 raise
             reason = (str(error).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"sampling.compile: torch.compile failed ({type(error).__name__}: {reason}); sampling "
-                          "without it", stacklevel=2)  # fmt: skip
-            self.one_token = _COMPILED["step"] = one_token
-            return one_token(self, ids, positions, index)
+            what = ("sampling.fast_decoding: CUDA graph capture" if isinstance(self.one_token, GraphedStep)
+                    else "sampling.compile: torch.compile")  # fmt: skip
+            warnings.warn(f"{what} failed ({type(error).__name__}: {reason}); sampling without it", stacklevel=2)
+            if not isinstance(self.one_token, GraphedStep):
+                _COMPILED["step"] = one_token  # later samplers in this process go straight to the eager step
+            self.one_token = one_token
+            return one_token(self, ids, positions, torch.tensor([start], device=ids.device))
 
     def mask(self, start: int, end: int) -> torch.Tensor:
         """(B, 1, S, end) additive mask: a position sees the allowed keys up to itself, and always itself (so a
@@ -265,13 +292,72 @@ def compiled_one_token():
     return _COMPILED["step"]
 
 
+class GraphedStep:
+    """A one-token step (:func:`one_token`, or its compiled form) replayed as a CUDA graph.
+
+    The first call runs the step as usual on a side stream (its result is that call's), then captures it into a
+    graph whose inputs are copies of the token ids, positions and cache slot; each later call writes the new ones into
+    those copies and replays the graph. Outputs are copied out of the graph's memory, which the next replay
+    overwrites. The decoder's cache and weights stay where they are, so one graph serves its whole sampling pass.
+    """
+
+    def __init__(self, step):
+        self.step, self.graph = step, None
+
+    def __call__(self, decoder: LeanDecoder, ids: torch.Tensor, positions: torch.Tensor, start: int):
+        if self.graph is not None:
+            self.ids.copy_(ids)
+            self.positions.copy_(positions)
+            self.index.fill_(start)
+            self.graph.replay()
+            return self.logits.clone(), self.hidden.clone()
+        self.ids, self.positions = ids.clone(), positions.clone()
+        self.index = torch.full((1,), start, dtype=torch.long, device=ids.device)
+        side = torch.cuda.Stream(ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):  # kernels' lazy set-up (cuBLAS workspaces, compiles) happens outside the capture
+            result = self.step(decoder, self.ids, self.positions, self.index)
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), _uncached_autocast(ids.device):
+            self.logits, self.hidden = self.step(decoder, self.ids, self.positions, self.index)
+        self.graph = graph
+        return result
+
+
+def _uncached_autocast(device: torch.device):
+    """Autocast as it is on ``device`` now, but without its cache of cast weights (a graph must not capture into
+    memory autocast frees when it exits)."""
+    enabled, dtype = autocast_state(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+def autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
+    """Whether autocast is on for ``device``'s type here, and the dtype it computes in (float32 when off)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+        return enabled, torch.get_autocast_dtype(device.type) if enabled else torch.float32
+    except TypeError:  # PyTorch before 2.4: CUDA's are the argument-free ones
+        enabled = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+        dtype = torch.get_autocast_gpu_dtype() if device.type == "cuda" else torch.get_autocast_cpu_dtype()
+        return enabled, dtype if enabled else torch.float32
+
+
 def lean_decoder(
-    model: nn.Module, batch: int, length: int, compiled: bool = False, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    batch: int,
+    length: int,
+    compiled: bool = False,
+    dtype: torch.dtype = torch.float32,
+    packed: bool | None = None,
 ) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``model`` computing its linear layers in ``dtype`` (its one-token step compiled
-    with ``compiled``, where this PyTorch can; float32 only), or None when its architecture is not one this module
-    reproduces or this CPU cannot pack ``dtype``."""
-    if not _supported(model, length, dtype):
+    with ``compiled``, where this PyTorch can: float32 only on the CPU), or None when its architecture is not one this
+    module reproduces or this CPU cannot pack ``dtype``. Its weights are oneDNN-packed on the CPU (``packed``: the
+    default there; False takes the plain multiplies other devices use) and its step is graphed on CUDA."""
+    device = model.get_output_embeddings().weight.device
+    packed = device.type == "cpu" if packed is None else packed
+    if not _supported(model, length, dtype, packed):
         return None
-    compiled = compiled and prepack.compilable() and dtype == torch.float32
-    return LeanDecoder(model, batch, length, compiled, dtype)
+    compiled = compiled and (prepack.compilable() and dtype == torch.float32 if packed else hasattr(torch, "compile"))
+    return LeanDecoder(model, batch, length, compiled, dtype, packed, graphed=device.type == "cuda")

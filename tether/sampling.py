@@ -5,10 +5,11 @@ step; this loop does only what tether's sampling needs: one forward of the new t
 cache, the LM head on the last position only, temperature, top-k, top-p and min-new-tokens on float32 logits, and
 stop tokens handled in the loop (finished rows are filled with the first stop id;
 :func:`tether.rollout.mask_after_eos` turns them into padding). What it records (:class:`Sampled`) saves the
-policy's forward pass over the rollout. On the CPU in float32 or bf16 autocast (``fast_decoding``) the linear layers
-run from oneDNN-packed weights (:mod:`tether.prepack`) and Llama-family models through
-:class:`tether.decoding.LeanDecoder` with a static KV cache; elsewhere each step is the model's own ``transformers``
-forward (:class:`TransformersSteps`).
+policy's forward pass over the rollout. With ``fast_decoding`` Llama-family models decode through
+:class:`tether.decoding.LeanDecoder` with a static KV cache (on CUDA its step replayed as a CUDA graph), and on the CPU
+in float32 or bf16 autocast the linear layers of other models run from oneDNN-packed weights (:mod:`tether.prepack`);
+elsewhere each step is the model's own ``transformers`` forward (:class:`TransformersSteps`). On a GPU the loop asks
+whether every row has stopped only every :data:`STOP_CHECK_EVERY` steps, since each asking waits for the card.
 
 Each row draws its tokens by inverting the softmax's cumulative distribution at one uniform number that is a hash of
 ``(row key, step)``: the token whose interval of the cumulative sum (float64) holds ``u`` times the total. A row's
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.decoding import lean_decoder
+from tether.decoding import autocast_state, lean_decoder
 from tether.models import model_inputs, trunk
 from tether.prepack import compute_dtype, prepacked_linears
 
@@ -43,7 +44,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     min_new_tokens: int = 0  # stop tokens are masked out before this many response tokens (0: off)
-    fast_decoding: bool = True  # CPU float32 or bf16 autocast: oneDNN-packed weights, LeanDecoder where it applies
+    fast_decoding: bool = True  # CPU: oneDNN-packed weights; LeanDecoder where it applies (graphed on CUDA)
     compile: bool = False  # the LeanDecoder's one-token step through torch.compile
 
     @classmethod
@@ -207,8 +208,8 @@ def sample(
     keys = random_keys(batch, device) if keys is None else keys.to(device)
     was_training = model.training
     model.eval()
-    with autocast():
-        dtype = compute_dtype()  # float32, or bf16 under bf16 CPU autocast: the packed weights' dtype
+    with autocast():  # float32, or bf16 under bf16 autocast: the dtype the decoder's weights are cast (or packed) to
+        dtype = compute_dtype() if device.type == "cpu" else autocast_state(device)[1]
     fast = sampling.fast_decoding
     length = prompt_ids.shape[1] + sampling.max_new_tokens
     decoder = lean_decoder(model, batch, length, sampling.compile, dtype) if fast else None
@@ -219,12 +220,22 @@ def sample(
     return Sampled(**{k: torch.stack(v, dim=1) if v else None for k, v in steps.items()})
 
 
+def stop_check_every(device: torch.device) -> int:
+    """How many steps the sampler goes between asking whether every row has stopped: each asking waits for the
+    device, which on a CPU costs nothing and on a GPU empties its queue of work."""
+    return 1 if device.type == "cpu" else STOP_CHECK_EVERY
+
+
+STOP_CHECK_EVERY = 8
+
+
 def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[str, list[torch.Tensor]]:
     """The decoding loop of :func:`sample` on a LeanDecoder or TransformersSteps: each step's token (and, ``record``,
-    what the policy said of it)."""
+    what the policy said of it), up to the step at which every row had stopped."""
     stop_ids = torch.tensor(stops, device=keys.device)
     position = inputs["position_ids"][:, -1:]
     done = torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
+    every, finished = stop_check_every(keys.device), []
     steps: dict[str, list[torch.Tensor]] = {"tokens": [], "logprobs": [], "entropy": [], "hidden": []}
     with autocast():
         logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
@@ -238,9 +249,14 @@ def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[st
             steps["entropy"].append(entropy)
             steps["hidden"].append(hidden)
         done |= torch.isin(token, stop_ids)
-        if step + 1 == sampling.max_new_tokens or bool(done.all()):
+        finished.append(done.all())
+        if step + 1 == sampling.max_new_tokens or ((step + 1) % every == 0 and bool(finished[-1])):
             break
         position = position + 1
         with autocast():
             logits, hidden = decoder.forward(token[:, None], position)
+    if every > 1:  # the steps decoded after every row had stopped, between two checks
+        flags = torch.stack(finished).tolist()
+        for kept in steps.values():
+            del kept[flags.index(True) + 1 if True in flags else len(flags) :]
     return steps

@@ -99,14 +99,15 @@ class PPOUpdate:
         self.optimizer.zero_grad(set_to_none=True)
         for start in range(rows.start, rows.stop, self.micro_batch_size):
             micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, rows.stop), device=self.device))
-            n = micro.response_mask.sum().item()
+            n = micro.response_mask.sum()
             last = start + self.micro_batch_size >= rows.stop
             with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
                 micro_stats = self.micro_step(micro, prompt_length, num_tokens, part)
             for k, v in micro_stats.items():
                 sums[k] += v * n
                 weights[k] += n
-        return self.global_sums(sums, weights)
+        # read back once, after every backward is queued: a read before a backward would stall a GPU's queue
+        return self.global_sums({k: float(v) for k, v in sums.items()}, {k: float(v) for k, v in weights.items()})
 
     @staticmethod
     def global_sums(sums: dict, weights: dict) -> tuple[dict, dict]:
@@ -125,14 +126,15 @@ class PPOUpdate:
         return False
 
     def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor, part=None) -> dict:
-        """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count.
+        """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count. Its
+        statistics stay 0-d tensors on the device (no wait for the device between micro-batches).
 
         ``part``: None for both losses in one backward; "policy" or "critic" for that model's loss alone (a separate
         critic's pass, :meth:`minibatch_step`). The legacy trainer's hooks (:meth:`loss_weight`,
         :meth:`micro_extras`) see the policy's pass and the joint one; its value model is always a head."""
         args = (micro.sequence_ids, micro.attention_mask, prompt_length)
         mask = micro.response_mask.float()
-        scale = num_tokens.item() / max(mask.sum().item(), 1.0)  # per-token means of this micro-batch
+        scale = num_tokens / mask.sum().clamp(min=1.0)  # per-token means of this micro-batch
         stats, loss, weight = {}, 0.0, 1.0
         if part != "critic":
             with self.placement.autocast():  # the forward (and so its backward) in bf16; logits, values in float32
@@ -149,8 +151,8 @@ class PPOUpdate:
             loss = pg_loss * weight
             with torch.no_grad():
                 entropy = masked_mean(entropy, mask)
-            stats |= {"loss/policy": loss.item() * scale, "ppo/entropy": entropy.item()}
-            stats |= {f"ppo/{k}": v.item() for k, v in pg_stats.items()}
+            stats |= {"loss/policy": loss.detach() * scale, "ppo/entropy": entropy}
+            stats |= {f"ppo/{k}": v for k, v in pg_stats.items()}
         if part == "critic":
             with self.placement.autocast():
                 new_values = self.actor_critic.values(*args, self.fill_id, None)
@@ -160,11 +162,11 @@ class PPOUpdate:
             )
             vf_loss = vf_loss * weight
             loss = loss + self.cfg.vf_coef * vf_loss
-            stats |= {"loss/value": vf_loss.item() * scale, "ppo/vpred_mean": vf_stats["value_mean"].item()}
-            stats |= {f"ppo/{k}": v.item() for k, v in vf_stats.items() if k != "value_mean"}
+            stats |= {"loss/value": vf_loss.detach() * scale, "ppo/vpred_mean": vf_stats["value_mean"]}
+            stats |= {f"ppo/{k}": v for k, v in vf_stats.items() if k != "value_mean"}
         (loss * distributed.world_size()).backward()  # DDP averages over the processes
         if part is None:
-            stats["loss/total"] = loss.item() * scale
+            stats["loss/total"] = loss.detach() * scale
             with torch.no_grad():
                 stats |= self.micro_extras(new_logprobs, new_values, micro)
         return stats
