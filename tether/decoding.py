@@ -319,7 +319,7 @@ class GraphedStep:
             result = self.step(decoder, self.ids, self.positions, self.index)
         torch.cuda.current_stream(ids.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), _uncached_autocast(ids.device):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), _uncached_autocast(ids.device):
             self.logits, self.hidden = self.step(decoder, self.ids, self.positions, self.index)
         self.graph = graph
         return result
