@@ -155,7 +155,7 @@ def collect_rollout(
     start = time.perf_counter()
     sampled = sample(actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast, record=True)
     response_ids, response_mask = mask_after_eos(sampled.tokens, stops, pad_id)
-    sampled_at = time.perf_counter()
+    sampled_at = finished_at(prompt_ids.device)
     scored = (prompt_ids, prompt_mask, response_ids, response_mask)
     score_steps = getattr(scorer, "score_steps", None)  # scores on the tokens where steps end, besides the outcome
     with scoring("reward"):
@@ -181,8 +181,16 @@ def collect_rollout(
             sampled=sampled,
         )
     if clock is not None:
-        clock["time/sample"], clock["time/score"] = sampled_at - start, time.perf_counter() - sampled_at
+        clock["time/sample"], clock["time/score"] = sampled_at - start, finished_at(prompt_ids.device) - sampled_at
     return rollout
+
+
+def finished_at(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has done the work queued so far (a GPU runs behind the host, so a
+    phase's clock would otherwise stop before its work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @torch.no_grad()
