@@ -1,6 +1,8 @@
 """The lean Llama-family decoder against transformers' own forward: each family, left padding, prompt then tokens one
 at a time; the sampler on it against the plain path; and the models it leaves to transformers."""
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -101,17 +103,41 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_on_cuda_its_graphed_step_samples_what_the_plain_path_samples(family):
-    """The one-token step captured as a CUDA graph and replayed: the same tokens as transformers' forward, the same
-    numbers to float rounding, and the rows that stop early give the same shapes despite the rarer stop checks."""
+def test_on_cuda_the_graphed_step_matches_the_full_forward(family):
+    """The one-token step captured as a CUDA graph at the first token and replayed at the others (no fallback to the
+    eager step): logits and hidden states those of transformers' forward over the whole sequence."""
     from tether.decoding import GraphedStep
 
     model = build(family).cuda()
     ids, mask = (t.cuda() for t in padded_prompts())
-    keys = row_keys(5, 0, range(3), device="cuda")
-    decoder = lean_decoder(model, 3, ids.shape[1] + 12)
+    steps = 4
+    decoder = lean_decoder(model, 3, ids.shape[1] + steps)
     assert isinstance(decoder.one_token, GraphedStep) and not decoder.head.packed
-    for stops in ([1], list(range(200))):  # rows running on; every row stopping at once
+    inputs = model_inputs(ids, mask, 0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", "sampling.fast_decoding")  # a failed capture warns and steps eagerly
+        logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
+        for step in range(steps + 1):
+            full = model(**model_inputs(ids, mask, 0), output_hidden_states=True)
+            torch.testing.assert_close(logits, full.logits[:, -1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(hidden, full.hidden_states[-1][:, -1], atol=1e-4, rtol=1e-4)
+            if step == steps:
+                break
+            token = logits.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+            position = model_inputs(ids, mask, 0)["position_ids"][:, -1:]
+            logits, hidden = decoder.forward(token, position)
+    assert isinstance(decoder.one_token, GraphedStep) and decoder.one_token.graph is not None
+
+
+@needs_cuda
+def test_on_cuda_the_sampler_samples_what_the_plain_path_samples():
+    """The sampler on the graphed lean decoder against transformers' forward, with the rarer stop checks of a GPU:
+    rows that run on, and rows that all stop at their first token (the steps after are dropped)."""
+    model = build("qwen2").cuda()
+    ids, mask = (t.cuda() for t in padded_prompts())
+    keys = row_keys(5, 0, range(3), device="cuda")
+    for stops in ([1], list(range(200))):
         lean, plain = (
             sample(model, ids, mask, Sampling(12, 0.8, fast_decoding=on), stops, keys, record=True)
             for on in (True, False)
