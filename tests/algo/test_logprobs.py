@@ -137,3 +137,32 @@ def test_on_a_gpu_the_same_numbers_as_on_the_cpu(monkeypatch):
         results.append([t.detach().cpu() for t in (logp, ent, leaf.grad)])
     for cpu, gpu in zip(*results):
         torch.testing.assert_close(gpu, cpu)
+
+
+@pytest.mark.parametrize("block", [7, 10**9])  # blocks within a row and across rows; everything at once
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_give_the_numbers_of_a_float32_upcast_bit_for_bit(monkeypatch, block, dtype):
+    """Upcast a block at a time inside the pass: log-probs, entropies and the gradient (written in the logits' dtype)
+    are exactly those of casting the logits to float32 first and the float32 gradient back."""
+    monkeypatch.setattr(logprobs_module, "CHUNK_ELEMENTS", block)
+    logits, tokens = random_logits(shape=(3, 5, 11), seed=7, dtype=dtype)
+    weights = torch.randn(3, 5)
+    inside, upcast = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    logp, ent = logprobs_and_entropy(inside, tokens)
+    logp_ref, ent_ref = logprobs_and_entropy(upcast.float(), tokens)
+    (logp * weights).sum().backward()
+    (logp_ref * weights).sum().backward()
+    assert logp.dtype == ent.dtype == torch.float32 and inside.grad.dtype == dtype
+    for ours, reference in ((logp, logp_ref), (ent, ent_ref), (inside.grad, upcast.grad)):
+        assert torch.equal(ours, reference)
+    assert torch.equal(logprobs_from_logits(logits, tokens), logp_ref.detach())
+
+
+def test_half_precision_logits_are_kept_for_the_backward_as_they_are_not_as_a_float32_copy():
+    logits, tokens = random_logits(shape=(4, 6, 50), seed=8, dtype=torch.bfloat16)
+    saved = []
+    keep = lambda t: saved.append((t.dtype, t.numel())) or t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logprobs_and_entropy(logits.clone().requires_grad_(True), tokens)
+    assert (torch.bfloat16, logits.numel()) in saved
+    assert not [numel for dtype, numel in saved if dtype == torch.float32 and numel >= logits.shape[-1]]

@@ -5,8 +5,10 @@
 at a time (about :data:`CHUNK_ELEMENTS` values), so the passes over a block find it in the CPU's cache instead of
 main memory, and no (B, T, V) temporary is made: the log-probs' backward writes ``g (onehot - softmax(z))`` straight
 into the gradient. :func:`logprobs_and_entropy` gives both from one log-softmax per block. Logits in half precision
-(float16 / bfloat16) are upcast to float32 one batch row at a time, so peak extra memory is one row's (T, V) float32
-copy rather than the whole (B, T, V) tensor, and results are returned in float32.
+(float16 / bfloat16) are upcast to float32 a block at a time inside the forward and again inside the backward, which
+keeps the half-precision logits, not a float32 copy, for it and writes the gradient in their dtype (each value
+rounded once, as a float32 computation cast back would); results are returned in float32. (:func:`entropy_from_logits`
+upcasts one batch row at a time: one row's (T, V) float32 copy at most.)
 
 Notation: B = batch, T = response length, V = vocabulary size. Temperature scaling, if any, must be applied to the
 logits by the caller (the same temperature as at sampling time).
@@ -14,7 +16,6 @@ logits by the caller (the same temperature as at sampling time).
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 
@@ -40,14 +41,16 @@ def _entropy_of(logp: torch.Tensor) -> torch.Tensor:
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """(N,) log-probs of ``tokens`` under (N, V) ``logits`` and, if asked, their (N,) entropies (no gradient)."""
+    """(N,) log-probs of ``tokens`` under (N, V) ``logits`` and, if asked, their (N,) entropies (no gradient), in
+    float32 for half-precision logits (upcast a block at a time)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
-        picked = logits.new_empty(logits.shape[0])
-        entropy = logits.new_empty(logits.shape[0] if with_entropy else 0)
+        dtype = torch.float32 if logits.dtype in _LOW_PRECISION else logits.dtype
+        picked = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        entropy = torch.empty(logits.shape[0] if with_entropy else 0, dtype=dtype, device=logits.device)
         for rows in _blocks(logits):
-            logp = torch.log_softmax(logits[rows], -1)
+            logp = torch.log_softmax(logits[rows].to(dtype), -1)
             picked[rows] = logp.gather(-1, tokens[rows, None]).squeeze(-1)
             if with_entropy:
                 entropy[rows] = _entropy_of(logp)
@@ -59,9 +62,14 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, _):
         logits, tokens = ctx.saved_tensors
         out = torch.empty_like(logits)
-        for rows in _blocks(logits):
-            torch.mul(torch.softmax(logits[rows], -1), -grad[rows, None], out=out[rows])
-        return out.scatter_add_(-1, tokens[:, None], grad[:, None].to(out.dtype)), None, None
+        if logits.dtype == grad.dtype:  # written in place: one pass per block, then the tokens' one-hot part
+            for rows in _blocks(logits):
+                torch.mul(torch.softmax(logits[rows], -1), -grad[rows, None], out=out[rows])
+            return out.scatter_add_(-1, tokens[:, None], grad[:, None]), None, None
+        for rows in _blocks(logits):  # half precision: each block in float32, rounded once as it is stored
+            part = torch.softmax(logits[rows].to(grad.dtype), -1).mul_(-grad[rows, None])
+            out[rows] = part.scatter_add_(-1, tokens[rows, None], grad[rows, None])
+        return out, None, None
 
 
 def _per_row_in_fp32(fn, logits: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -74,7 +82,7 @@ def _per_row_in_fp32(fn, logits: torch.Tensor, *rest: torch.Tensor) -> tuple[tor
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, ...]:
-    """(log-probs, entropies or an empty tensor) of (..., V) float logits."""
+    """(log-probs, entropies or an empty tensor) of (..., V) logits (float32 for half precision)."""
     flat = logits.reshape(-1, logits.shape[-1])
     logp, entropy = _TokenLogprobs.apply(flat, tokens.reshape(-1).long(), with_entropy)
     return logp.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else entropy
@@ -98,7 +106,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     Returns:
         (B, T) log-probs; float32 if ``logits`` is float16/bfloat16, else the dtype of ``logits``.
     """
-    return _per_row_in_fp32(partial(_token_logprobs, with_entropy=False), logits, tokens)[0]
+    return _token_logprobs(logits, tokens, with_entropy=False)[0]
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +115,7 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[to
     Returns:
         ((B, T) log-probs, (B, T) entropies), float32 for float16/bfloat16 logits.
     """
-    return _per_row_in_fp32(partial(_token_logprobs, with_entropy=True), logits, tokens)
+    return _token_logprobs(logits, tokens, with_entropy=True)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
