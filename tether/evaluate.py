@@ -54,7 +54,7 @@ def evaluate_policy(
         p = prompt_ids.shape[1]
         if reference is not None:
             targets = gather_ids(response_ids, response_mask, eos)
-            with placement.autocast():  # float32 logits
+            with placement.autocast():  # the log-prob functions upcast bf16 logits
                 logits = response_logits(policy, ids, mask, p, sampling.temperature, eos)
                 ref_logits = response_logits(reference, ids, mask, p, sampling.temperature, eos)
             logp, ref = logprobs_from_logits(logits, targets), logprobs_from_logits(ref_logits, targets)

@@ -341,15 +341,18 @@ def reference_copy(policy: nn.Module) -> nn.Module:
 
 
 def response_logits(model: nn.Module, sequence_ids, attention_mask, prompt_length: int, temperature: float, fill_id):
-    """Temperature-scaled logits (B, T, V) of a causal LM at the positions that predict the response tokens."""
+    """Temperature-scaled logits (B, T, V) of a causal LM at the positions that predict the response tokens
+    (:func:`head_logits`: float32, or bf16 under bf16 autocast at temperature 1)."""
     hidden = hidden_states(model, sequence_ids, attention_mask, fill_id)[:, prompt_length - 1 : -1]
     return head_logits(model, hidden, temperature)
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A causal LM head's float32 logits at ``hidden`` (B, T, d), divided by ``temperature`` unless it is 1.
+    """A causal LM head's logits at ``hidden`` (B, T, d): at temperature 1 as the head computes them (bf16 under bf16
+    autocast: :mod:`tether.algo.logprobs` upcasts them a block at a time, to the numbers of a float32 copy bit for bit,
+    so no (B, T, V) float32 copy is made or kept for the backward), else in float32 divided by ``temperature``.
 
     ``hidden`` is made contiguous first: given a strided slice, a frozen head's multiply broadcasts its weight into a
     batched one (the reference's head at half the speed)."""
-    logits = model.get_output_embeddings()(hidden.contiguous()).float()
-    return logits if temperature == 1 else logits / temperature
+    logits = model.get_output_embeddings()(hidden.contiguous())
+    return logits if temperature == 1 else logits.float() / temperature

@@ -7,7 +7,7 @@ pass computes (over the whole sequence, without a cache) to float rounding, so t
 epoch has ratio 1 (ppo_details #9, #16). Responses that did not come from the sampler (the legacy API's ``step``,
 multi-turn episodes) get them from that full forward pass instead. The forward passes run in ``autocast()`` (a
 :meth:`tether.precision.Placement.autocast`: bf16 autocast for ``model.dtype=bfloat16``); log-probs and entropies are
-computed from float32 logits outside it.
+computed outside it, in float32 (bf16 logits upcast a block at a time).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def score_tokens(
         rows = slice(start, start + chunk)
         ids, mask = sequence_ids[rows], attention_mask[rows]
         resp = gather_ids(response_ids[rows], mask[:, prompt_length:], fill_id)
-        with autocast():  # logits and values come out in float32
+        with autocast():  # values come out in float32; logits in float32 or bf16 (upcast by the log-prob functions)
             if sampled is None:
                 logits, values = actor_critic(ids, mask, prompt_length, temperature, fill_id)
             else:

@@ -137,7 +137,7 @@ class PPOUpdate:
         scale = num_tokens / mask.sum().clamp(min=1.0)  # per-token means of this micro-batch
         stats, loss, weight = {}, 0.0, 1.0
         if part != "critic":
-            with self.placement.autocast():  # the forward (and so its backward) in bf16; logits, values in float32
+            with self.placement.autocast():  # the forward (and so its backward) in bf16; values in float32
                 if part == "policy":
                     logits = response_logits(self.actor_critic.policy, *args, self.sampling.temperature, self.fill_id)
                 else:
