@@ -32,6 +32,7 @@ from tether.models import model_inputs, trunk
 from tether.prepack import compute_dtype, prepacked_linears
 
 MASK64 = (1 << 64) - 1
+STOP_CHECK_EVERY = 8  # decoding steps between two checks for stopped rows on a GPU (every step on a CPU)
 GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -224,9 +225,6 @@ def stop_check_every(device: torch.device) -> int:
     """How many steps the sampler goes between asking whether every row has stopped: each asking waits for the
     device, which on a CPU costs nothing and on a GPU empties its queue of work."""
     return 1 if device.type == "cpu" else STOP_CHECK_EVERY
-
-
-STOP_CHECK_EVERY = 8
 
 
 def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[str, list[torch.Tensor]]:
