@@ -155,7 +155,7 @@ def test_on_cuda_under_bf16_autocast_the_graphed_step_computes_as_transformers_d
     keys = row_keys(5, 0, range(3), device="cuda")
     on_cuda = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     lean, plain = (
-        sample(model, ids, mask, Sampling(8, fast_decoding=on), [1], keys, on_cuda, record=True)
+        sample(model, ids, mask, Sampling(8, min_new_tokens=8, fast_decoding=on), [1], keys, on_cuda, record=True)
         for on in (True, False)
     )
     torch.testing.assert_close(lean.logprobs, plain.logprobs, atol=3e-2, rtol=0)
