@@ -158,8 +158,9 @@ def test_on_cuda_under_bf16_autocast_the_graphed_step_computes_as_transformers_d
         sample(model, ids, mask, Sampling(8, min_new_tokens=8, fast_decoding=on), [1], keys, on_cuda, record=True)
         for on in (True, False)
     )
-    torch.testing.assert_close(lean.logprobs, plain.logprobs, atol=3e-2, rtol=0)
-    assert (lean.tokens == plain.tokens).float().mean() > 0.8  # a bf16 rounding may move a draw
+    same = (lean.tokens == plain.tokens).int().cumprod(1).bool()  # up to a draw a bf16 rounding may have moved
+    assert same.float().mean() > 0.8
+    torch.testing.assert_close(lean.logprobs[same], plain.logprobs[same], atol=3e-2, rtol=0)
 
 
 def test_checking_for_stopped_rows_less_often_gives_the_same_samples(monkeypatch):
