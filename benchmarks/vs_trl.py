@@ -239,8 +239,11 @@ def side_by_side(name, policy, reward, prompts, work, args, sides=("tether", "tr
     return result
 
 
-def sampler_vs_generate(policy: Path, prompts: Path, args, batch: int = 16, new_tokens: int = 32) -> dict:
-    """tether's sampler against transformers' generate, same model, prompts and settings, alternating."""
+def sampler_vs_generate(
+    policy: Path, prompts: Path, args, batch: int = 16, new_tokens: int = 32, device: str = "cpu", bf16=None
+) -> dict:
+    """tether's sampler against transformers' generate, same model, prompts and settings, alternating, on ``device``
+    (under bf16 autocast with ``bf16``; default ``args.bf16``)."""
     from transformers import GenerationConfig
 
     from tether.models import load_causal_lm, load_tokenizer
@@ -248,9 +251,11 @@ def sampler_vs_generate(policy: Path, prompts: Path, args, batch: int = 16, new_
     from tether.sampling import Sampling, sample
 
     torch.set_num_threads(args.threads)
-    reuse_freed_memory()  # what a CPU Placement does in tether's runs; both sides share this process
-    tok, model = load_tokenizer(str(policy)), load_causal_lm(str(policy)).eval()
+    if device == "cpu":
+        reuse_freed_memory()  # what a CPU Placement does in tether's runs; both sides share this process
+    tok, model = load_tokenizer(str(policy)), load_causal_lm(str(policy)).to(device).eval()
     ids = torch.tensor([json.loads(line)["input_ids"] for line in prompts.read_text().splitlines()][:batch])
+    ids = ids.to(device)
     mask = torch.ones_like(ids)
     eos = tok.eos_token_id
     config = GenerationConfig(do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens, top_k=0,
@@ -261,14 +266,18 @@ def sampler_vs_generate(policy: Path, prompts: Path, args, batch: int = 16, new_
         "tether": lambda: sample(model, ids, mask, sampling, [eos]),
     }
     times = {k: [] for k in ways}
-    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    bf16 = args.bf16 if bf16 is None else bf16
+    precision = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.no_grad(), precision:
         for k in ways:
             ways[k]()  # warm-up
         for _ in range(args.iterations):
             for k, f in ways.items():
+                sync()
                 start = time.perf_counter()
                 f()
+                sync()
                 times[k].append(time.perf_counter() - start)
     rates = {k: batch * new_tokens / statistics.median(v) for k, v in times.items()}
     return {"setting": "sample", "tokens_per_s": rates, "speedup": rates["tether"] / rates["generate"], "times": times}

@@ -11,9 +11,12 @@ trunk with one seeded scalar head (the critic starts as the reward model, as in 
 precision; tether: ``model.dtype=bfloat16``, autocast on float32 master weights). Each side runs in its own process,
 alternating, through ``benchmarks/vs_trl.py``'s two halves.
 
-Reported per shape: median s/iteration of each side and their ratio, seconds per phase (sampling, scoring passes,
-update), new tokens/s inside sampling, peak GPU memory (``torch.cuda.max_memory_allocated``) and its ratio, and the
-share of the card's bf16 matrix-multiply peak measured at the start of the run (useful FLOPs as in vs_trl.py).
+Reported per shape: first tether's sampler against ``transformers`` ``generate`` alone (the work's batch and length,
+alternating in this process: new tokens/s, a reading of the sampling bar even if the PPO runs are cut short), then
+the median s/iteration of each side and their ratio, seconds per phase (sampling, scoring passes, update), new
+tokens/s inside sampling, peak GPU memory (``torch.cuda.max_memory_allocated``) and its ratio, and the share of the
+card's bf16 matrix-multiply peak measured at the start of the run (useful FLOPs as in vs_trl.py). The results file
+is rewritten after each setting, so a run cut short keeps what finished.
 
 On the accelerator machine TRL and ``datasets`` are not installed: ``bash benchmarks/gpu_wheels.sh`` (here, where
 pip reaches PyPI) downloads them into ``.whl/``, which the device call carries and installs (see that script).
@@ -108,6 +111,12 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--trl-python", default=sys.executable)
     p.add_argument("--set", action="append", default=[], help="a tether override for its side")
+    p.add_argument(
+        "--no-sampler",
+        dest="sampler",
+        action="store_false",
+        help="skip each shape's sampler against generate (the work's batch and length, before PPO)",
+    )
     p.add_argument("--out", default=str(vs_trl.ROOT / "benchmarks" / "results" / "gpu.json"))
     args = p.parse_args(argv)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
@@ -121,18 +130,26 @@ def main(argv=None) -> None:
     if args.device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(0)
     results = {"machine": machine, "work": work, "tether_overrides": args.set, "settings": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work_dir:
         args.work = Path(work_dir)
         for name in args.shapes.split(","):
             policy = shape_folder(name, args.work, args.scale)
             reward = vs_trl.reward_folder(policy, args.work)
             prompts = vs_trl.prompt_file(policy, work["batch"] * (args.warmup + args.iterations), args.work)
+            if args.sampler:
+                quick = vs_trl.sampler_vs_generate(policy, prompts, args, work["batch"], work["new_tokens"],
+                                                   args.device, bf16=dtype == torch.bfloat16)  # fmt: skip
+                record(results, quick | {"setting": f"sample {name}"}, args.out)
             result = vs_trl.side_by_side(name, policy, reward, prompts, work, args, trl_extra=trl_extra)
-            results["settings"].append(result)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    brief = {s["setting"]: {k: v for k, v in s.items() if k not in ("runs",)} for s in results["settings"]}
-    print(json.dumps(brief, indent=1))
+            record(results, result, args.out)
+
+
+def record(results: dict, result: dict, out: str) -> None:
+    """Add a setting's result, print its summary and rewrite ``out`` (so a run cut short keeps what finished)."""
+    results["settings"].append(result)
+    Path(out).write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "times")}, indent=1), flush=True)
 
 
 if __name__ == "__main__":
