@@ -67,13 +67,19 @@ def test_prompt_then_tokens_match_the_full_forward(family, compiled, packed):
     decoder = lean_decoder(model, 3, ids.shape[1] + steps, compiled, packed=packed)
     assert decoder is not None and decoder.keys[0].shape[2] == (64 if compiled else ids.shape[1] + steps)
     assert decoder.blocks[0].qkv.packed == decoder.head.packed == packed
+    assert_steps_match_the_full_forward(model, decoder, ids, mask, steps, tolerance=1e-5)
+
+
+def assert_steps_match_the_full_forward(model, decoder, ids, mask, steps: int, tolerance: float):
+    """The decoder's logits and hidden state after the prompt, then after each of ``steps`` greedy tokens fed one at
+    a time, against transformers' forward over the whole sequence so far."""
     inputs = model_inputs(ids, mask, 0)
     with torch.no_grad():
         logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
         for step in range(steps + 1):
             full = model(**model_inputs(ids, mask, 0), output_hidden_states=True)
-            torch.testing.assert_close(logits, full.logits[:, -1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(hidden, full.hidden_states[-1][:, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits, full.logits[:, -1], atol=tolerance, rtol=tolerance)
+            torch.testing.assert_close(hidden, full.hidden_states[-1][:, -1], atol=tolerance, rtol=tolerance)
             if step == steps:
                 break
             token = logits.argmax(-1, keepdim=True)
@@ -113,20 +119,9 @@ def test_on_cuda_the_graphed_step_matches_the_full_forward(family):
     steps = 4
     decoder = lean_decoder(model, 3, ids.shape[1] + steps)
     assert isinstance(decoder.one_token, GraphedStep) and not decoder.head.packed
-    inputs = model_inputs(ids, mask, 0)
-    with torch.no_grad(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.filterwarnings("error", "sampling.fast_decoding")  # a failed capture warns and steps eagerly
-        logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
-        for step in range(steps + 1):
-            full = model(**model_inputs(ids, mask, 0), output_hidden_states=True)
-            torch.testing.assert_close(logits, full.logits[:, -1], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(hidden, full.hidden_states[-1][:, -1], atol=1e-4, rtol=1e-4)
-            if step == steps:
-                break
-            token = logits.argmax(-1, keepdim=True)
-            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-            position = model_inputs(ids, mask, 0)["position_ids"][:, -1:]
-            logits, hidden = decoder.forward(token, position)
+        assert_steps_match_the_full_forward(model, decoder, ids, mask, steps, tolerance=1e-4)
     assert isinstance(decoder.one_token, GraphedStep) and decoder.one_token.graph is not None
 
 
