@@ -10,9 +10,9 @@
 # The accelerator machine lacks TRL, datasets and gguf: run `bash benchmarks/gpu_wheels.sh` here first and name
 # .whl in the device call's carry; every mode installs them into /tmp/site when .whl is there.
 #
-# budget: the suite starts in the background (its CUDA cases are light on the card) while the two demos run; the
-# suite gets until minute 5.5, then the side-by-side runs alone on the card (both shapes, 2 timed iterations each
-# side) until minute 9.5. Each part has its own time limit, so a slow one cannot eat the others' time; what finished
+# budget: the suite starts in the background (its CUDA cases are light on the card; their files first) while the two
+# demos run; the suite gets until minute 5.5, then the side-by-side runs alone on the card (both shapes, 2 timed
+# iterations each side) until minute 9.5. Each part has its own time limit, so a slow one cannot eat the others' time; what finished
 # is kept. Logs and JSON go to $OUT (or /tmp/tether-gpu-check).
 #
 # It prints what BENCHMARKS.md needs: torch / transformers versions, the GPU, the suite's result, for each demo its
@@ -76,16 +76,28 @@ bench() {  # bench [SECONDS] [ARGS...]: the side-by-side with TRL, alone on the 
     tail -n 40 "$out/bench.log"
 }
 
+# the test files with CUDA cases (the device fixture or a CUDA-only test): run first, so that a suite stopped at its
+# time limit has run them, then the rest
+cuda_first="tests/test_decoding.py tests/test_precision.py tests/test_trainers.py tests/test_legacy.py
+    tests/test_sampling.py tests/test_rollout.py tests/test_offload.py tests/test_dpo.py tests/test_cli_errors.py
+    tests/algo/test_logprobs.py tests/test_trl011_ppo_script.py"
+
 case "$what" in
 budget)
-    echo "== the whole suite in the background: python -m pytest -q (log: $out/suite.log)"
-    python -m pytest -q -rs --durations=5 > "$out/suite.log" 2>&1 &
+    echo "== the whole suite in the background, the files with CUDA cases first (log: $out/suite.log)"
+    ignored=$(printf -- "--ignore=%s " $cuda_first)
+    (  # each pytest in the background of this subshell, its pid in a file, so that a stop reaches it
+        python -m pytest -q -rs $cuda_first & echo $! > "$out/pytest.pid"; wait $!; first=$?
+        python -m pytest -q -rs --durations=5 $ignored tests & echo $! > "$out/pytest.pid"; wait $!
+        exit $(( first || $? ))
+    ) > "$out/suite.log" 2>&1 &
     suite=$!
     demo float32 150
     demo bfloat16 150
     if ! timeout "$(left 330)" tail --pid=$suite -f /dev/null; then
         echo "suite: out of time at minute 5.5, stopped; what it printed:"
-        kill -INT $suite 2>/dev/null; sleep 5; kill $suite 2>/dev/null
+        kill $suite 2>/dev/null  # the subshell first, so no later pytest starts
+        kill -INT "$(cat "$out/pytest.pid")" 2>/dev/null; sleep 5; kill "$(cat "$out/pytest.pid")" 2>/dev/null
         status=1
     fi
     wait $suite || status=1
