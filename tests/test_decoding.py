@@ -158,6 +158,52 @@ def test_on_cuda_under_bf16_autocast_the_graphed_step_computes_as_transformers_d
     torch.testing.assert_close(lean.logprobs[same], plain.logprobs[same], atol=3e-2, rtol=0)
 
 
+class FakeGraph:
+    """A stand-in for ``torch.cuda.CUDAGraph`` on the CPU with a graph's contract: a replay computes the captured step
+    again from the step's input tensors as they are now, into the output tensors of the capture."""
+
+    decoder = None  # the LeanDecoder whose GraphedStep captured this graph
+
+    def replay(self):
+        graphed = FakeGraph.decoder.one_token
+        logits, hidden = graphed.step(FakeGraph.decoder, graphed.ids, graphed.positions, graphed.index)
+        graphed.logits.copy_(logits)
+        graphed.hidden.copy_(hidden)
+
+
+def test_the_graphed_step_feeds_each_token_to_its_graph_and_copies_the_outputs_out(monkeypatch):
+    """GraphedStep's bookkeeping, which CI (no GPU) cannot run for real: with CUDA's stream and graph calls replaced by
+    the CPU stand-ins above, the sampler on a graphed decoder samples what the plain path samples, every step's
+    recorded hidden state its own (a replay overwrites the graph's outputs: they must be copied out)."""
+    from contextlib import nullcontext
+
+    from tether.decoding import GraphedStep, LeanDecoder
+
+    stream = type("Stream", (), {"__init__": lambda self, *a: None, "wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **k: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+
+    def graphed_decoder(model, batch, length, compiled, dtype):
+        FakeGraph.decoder = LeanDecoder(model, batch, length, compiled, dtype, packed=False, graphed=True)
+        return FakeGraph.decoder
+
+    monkeypatch.setattr(sampling, "lean_decoder", graphed_decoder)
+    model = build("qwen2")
+    ids, mask = padded_prompts()
+    keys = row_keys(5, 0, range(3))
+    lean = sample(model, ids, mask, Sampling(12, 0.8, min_new_tokens=12), [1], keys, record=True)
+    plain = sample(model, ids, mask, Sampling(12, 0.8, min_new_tokens=12, fast_decoding=False), [1], keys, record=True)
+    graphed = FakeGraph.decoder.one_token
+    assert isinstance(graphed, GraphedStep) and graphed.graph is not None
+    assert int(graphed.index) == ids.shape[1] + 10  # the last step's cache slot reached the graph's input
+    assert torch.equal(lean.tokens, plain.tokens)
+    for name in ("logprobs", "entropy", "hidden"):
+        torch.testing.assert_close(getattr(lean, name), getattr(plain, name), atol=1e-5, rtol=1e-5)
+
+
 def test_checking_for_stopped_rows_less_often_gives_the_same_samples(monkeypatch):
     """On a GPU the sampler asks whether every row has stopped once every few steps (each asking waits for the card),
     then drops the steps decoded after they all had: the result is what asking at every step gives."""
