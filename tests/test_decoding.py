@@ -118,11 +118,11 @@ def test_on_cuda_the_graphed_step_matches_the_full_forward(family):
     ids, mask = (t.cuda() for t in padded_prompts())
     steps = 4
     decoder = lean_decoder(model, 3, ids.shape[1] + steps)
-    assert isinstance(decoder.one_token, GraphedStep) and not decoder.head.packed
+    assert isinstance(decoder.graphed, GraphedStep) and not decoder.head.packed
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "sampling.fast_decoding")  # a failed capture warns and steps eagerly
         assert_steps_match_the_full_forward(model, decoder, ids, mask, steps, tolerance=1e-4)
-    assert isinstance(decoder.one_token, GraphedStep) and decoder.one_token.graph is not None
+    assert isinstance(decoder.graphed, GraphedStep) and decoder.graphed.graph is not None
 
 
 @needs_cuda
@@ -165,7 +165,7 @@ class FakeGraph:
     decoder = None  # the LeanDecoder whose GraphedStep captured this graph
 
     def replay(self):
-        graphed = FakeGraph.decoder.one_token
+        graphed = FakeGraph.decoder.graphed
         logits, hidden = graphed.step(FakeGraph.decoder, graphed.ids, graphed.positions, graphed.index)
         graphed.logits.copy_(logits)
         graphed.hidden.copy_(hidden)
@@ -196,7 +196,7 @@ def test_the_graphed_step_feeds_each_token_to_its_graph_and_copies_the_outputs_o
     keys = row_keys(5, 0, range(3))
     lean = sample(model, ids, mask, Sampling(12, 0.8, min_new_tokens=12), [1], keys, record=True)
     plain = sample(model, ids, mask, Sampling(12, 0.8, min_new_tokens=12, fast_decoding=False), [1], keys, record=True)
-    graphed = FakeGraph.decoder.one_token
+    graphed = FakeGraph.decoder.graphed
     assert isinstance(graphed, GraphedStep) and graphed.graph is not None
     assert int(graphed.index) == ids.shape[1] + 10  # the last step's cache slot reached the graph's input
     assert torch.equal(lean.tokens, plain.tokens)

@@ -182,8 +182,7 @@ class LeanDecoder:
         self.allowed = torch.zeros(batch, length, dtype=torch.bool, device=weight.device)  # keys later tokens see
         self.filled = 0
         self.one_token = compiled_one_token() if compiled else one_token
-        if graphed:
-            self.one_token = GraphedStep(self.one_token)
+        self.graphed = GraphedStep(self.one_token) if graphed else None  # the step replayed as a CUDA graph
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None):
         """Logits (B, V) and hidden state (B, d) after ``ids`` (B, S) at ``positions`` (B, S).
@@ -209,19 +208,18 @@ class LeanDecoder:
         capture fails, a warning and this decoder steps eagerly from then on (the step only writes slot ``start``, so
         running it again is safe)."""
         try:
-            if isinstance(self.one_token, GraphedStep):
-                return self.one_token(self, ids, positions, start)
+            if self.graphed is not None:
+                return self.graphed(self, ids, positions, start)
             return self.one_token(self, ids, positions, torch.tensor([start], device=ids.device))
         except Exception as error:
-            if self.one_token is one_token:
+            if self.graphed is None and self.one_token is one_token:
                 raise
             reason = (str(error).strip().splitlines() or [""])[0][:200]
-            what = ("sampling.fast_decoding: CUDA graph capture" if isinstance(self.one_token, GraphedStep)
-                    else "sampling.compile: torch.compile")  # fmt: skip
+            what = "sampling.fast_decoding: CUDA graph capture" if self.graphed else "sampling.compile: torch.compile"
             warnings.warn(f"{what} failed ({type(error).__name__}: {reason}); sampling without it", stacklevel=2)
-            if not isinstance(self.one_token, GraphedStep):
+            if self.graphed is None:
                 _COMPILED["step"] = one_token  # later samplers in this process go straight to the eager step
-            self.one_token = one_token
+            self.one_token, self.graphed = one_token, None
             return one_token(self, ids, positions, torch.tensor([start], device=ids.device))
 
     def mask(self, start: int, end: int) -> torch.Tensor:
@@ -328,19 +326,8 @@ class GraphedStep:
 def _uncached_autocast(device: torch.device):
     """Autocast as it is on ``device`` now, but without its cache of cast weights (a graph must not capture into
     memory autocast frees when it exits)."""
-    enabled, dtype = autocast_state(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False)
-
-
-def autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
-    """Whether autocast is on for ``device``'s type here, and the dtype it computes in (float32 when off)."""
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-        return enabled, torch.get_autocast_dtype(device.type) if enabled else torch.float32
-    except TypeError:  # PyTorch before 2.4: CUDA's are the argument-free ones
-        enabled = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
-        dtype = torch.get_autocast_gpu_dtype() if device.type == "cuda" else torch.get_autocast_cpu_dtype()
-        return enabled, dtype if enabled else torch.float32
+    dtype = prepack.compute_dtype(device)  # float32: autocast is off (it has no float32 mode)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
 
 
 def lean_decoder(
@@ -359,5 +346,5 @@ def lean_decoder(
     packed = device.type == "cpu" if packed is None else packed
     if not _supported(model, length, dtype, packed):
         return None
-    compiled = compiled and (prepack.compilable() and dtype == torch.float32 if packed else hasattr(torch, "compile"))
+    compiled = compiled and (not packed or (prepack.compilable() and dtype == torch.float32))
     return LeanDecoder(model, batch, length, compiled, dtype, packed, graphed=device.type == "cuda")

@@ -37,14 +37,16 @@ def pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None)
 
 
-def compute_dtype() -> torch.dtype:
-    """The dtype a CPU linear layer computes in here: autocast's CPU dtype inside autocast, else float32."""
-    if not cpu_autocast():
-        return torch.float32
+def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a linear layer on ``device`` computes in here: autocast's dtype inside autocast for that device
+    type, else float32."""
+    kind = torch.device(device).type
     try:
-        return torch.get_autocast_dtype("cpu")
-    except AttributeError:  # PyTorch before 2.4
-        return torch.get_autocast_cpu_dtype()
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+    except TypeError:  # PyTorch before 2.4: per-device functions without an argument
+        if kind == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else torch.float32
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else torch.float32
 
 
 def packs(dtype: torch.dtype) -> bool:
@@ -89,14 +91,6 @@ def opaque_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     lowers oneDNN's linear only for weights it can fold in as constants, and these change with every optimizer
     step."""
     return torch.ops.tether.packed_linear(x, packed, bias, out_features)
-
-
-def cpu_autocast() -> bool:
-    """Whether autocast is on for the CPU here."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # PyTorch before 2.4
-        return torch.is_autocast_cpu_enabled()
 
 
 def packable(weight: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.decoding import autocast_state, lean_decoder
+from tether.decoding import lean_decoder
 from tether.models import model_inputs, trunk
 from tether.prepack import compute_dtype, prepacked_linears
 
@@ -210,7 +210,7 @@ def sample(
     was_training = model.training
     model.eval()
     with autocast():  # float32, or bf16 under bf16 autocast: the dtype the decoder's weights are cast (or packed) to
-        dtype = compute_dtype() if device.type == "cpu" else autocast_state(device)[1]
+        dtype = compute_dtype(device)
     fast = sampling.fast_decoding
     length = prompt_ids.shape[1] + sampling.max_new_tokens
     decoder = lean_decoder(model, batch, length, sampling.compile, dtype) if fast else None

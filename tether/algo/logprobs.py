@@ -16,7 +16,6 @@ logits by the caller (the same temperature as at sampling time).
 
 from __future__ import annotations
 
-
 import torch
 
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "logprobs_and_entropy"]
