@@ -21,7 +21,10 @@ from tether.config import RunConfig
 from tether.data import left_pad
 from tether.models import (
     ActorCritic,
+    enable_gradient_checkpointing,
     fuse_activations,
+    hidden_states,
+    last_feed_forward,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -147,6 +150,45 @@ def test_padding_invariance(family):
             torch.testing.assert_close(batched[i, :n], logits[0], atol=1e-5, rtol=0)
             score = sequence_scores(rm, alone, torch.ones_like(alone), tok.eos_token_id)
             torch.testing.assert_close(batched_scores[i : i + 1], score, atol=1e-5, rtol=0)
+
+
+def test_last_feed_forward_runs_from_the_first_position_read(family):
+    """Hidden states, their gradients and reward scores from position ``first`` on are those of the whole forward,
+    while the last layer's feed-forward sees only those positions (and is itself again afterwards)."""
+    _, policy_dir, rm_dir = family
+    tok = load_tokenizer(policy_dir)
+    policy, rm = load_causal_lm(policy_dir), load_reward_model(rm_dir).eval()
+    prompt_ids, prompt_mask = left_pad([tok(p)["input_ids"] for p in ["1+2=", "13+24=", "9="]], tok.pad_token_id)
+    response_ids = torch.tensor([tok("34")["input_ids"][:2] + [tok.eos_token_id, tok.pad_token_id]] * 3)
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, (response_ids != tok.pad_token_id).long()], 1)
+    first, seen = prompt_ids.shape[1] - 1, []
+    ff = last_feed_forward(policy)
+    next(ff.children()).register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))  # c_fc, gate
+    weights = torch.randn(ids.shape[0], ids.shape[1] - first, policy.config.hidden_size)
+    runs = []
+    for start in (0, first):
+        policy.zero_grad(set_to_none=True)
+        hidden = hidden_states(policy, ids, mask, tok.eos_token_id, start)[:, first - start :]
+        (hidden * weights).sum().backward()
+        runs.append((hidden.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
+    assert seen == [ids.shape[1], ids.shape[1] - first] and "forward" not in vars(ff)
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-6, rtol=1e-5)
+    assert runs[1][1].keys() == runs[0][1].keys()
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        whole = sequence_scores(rm, ids, mask, tok.eos_token_id)
+        torch.testing.assert_close(sequence_scores(rm, ids, mask, tok.eos_token_id, first), whole, atol=1e-6, rtol=0)
+
+
+def test_last_feed_forward_left_whole_where_the_forward_is_recomputed(family):
+    """Gradient checkpointing recomputes each layer in the backward pass with its whole input: no skipping there."""
+    _, policy_dir, _ = family
+    policy = load_causal_lm(policy_dir)
+    assert last_feed_forward(policy) is not None
+    enable_gradient_checkpointing(True, policy)
+    assert last_feed_forward(policy) is None
 
 
 @pytest.mark.parametrize("value_model", ["head", "separate"])

@@ -66,7 +66,7 @@ class RewardModelScorer:
         ids = torch.cat([prompt_ids, response_ids], dim=1)
         mask = torch.cat([prompt_mask, response_mask], dim=1)
         with self.autocast():  # scores come out in float32
-            return sequence_scores(self.model, ids, mask, self.fill_id)
+            return sequence_scores(self.model, ids, mask, self.fill_id, prompt_ids.shape[1] - 1)
 
     @torch.no_grad()
     def score_steps(
