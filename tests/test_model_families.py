@@ -10,8 +10,11 @@ from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    BloomConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
+    PhiConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -152,6 +155,26 @@ def test_padding_invariance(family):
             torch.testing.assert_close(batched_scores[i : i + 1], score, atol=1e-5, rtol=0)
 
 
+def cut_and_whole(model, ids, mask, fill_id: int, first: int) -> list[int]:
+    """Asserts that hidden states from ``first`` on and the parameters' gradients are the whole forward's; returns
+    the sequence lengths the last feed-forward's first sub-module saw (whole run, then cut run)."""
+    seen, ff = [], last_feed_forward(model)
+    next(ff.children()).register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))  # fc, gate
+    weights = torch.randn(ids.shape[0], ids.shape[1] - first, model.config.hidden_size)
+    runs = []
+    for start in (0, first):
+        model.zero_grad(set_to_none=True)
+        hidden = hidden_states(model, ids, mask, fill_id, start)[:, first - start :]
+        (hidden * weights).sum().backward()
+        runs.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert "forward" not in vars(ff)
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-6, rtol=1e-5)
+    assert runs[1][1].keys() == runs[0][1].keys()
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    return seen
+
+
 def test_last_feed_forward_runs_from_the_first_position_read(family):
     """Hidden states, their gradients and reward scores from position ``first`` on are those of the whole forward,
     while the last layer's feed-forward sees only those positions (and is itself again afterwards)."""
@@ -162,24 +185,38 @@ def test_last_feed_forward_runs_from_the_first_position_read(family):
     response_ids = torch.tensor([tok("34")["input_ids"][:2] + [tok.eos_token_id, tok.pad_token_id]] * 3)
     ids = torch.cat([prompt_ids, response_ids], 1)
     mask = torch.cat([prompt_mask, (response_ids != tok.pad_token_id).long()], 1)
-    first, seen = prompt_ids.shape[1] - 1, []
-    ff = last_feed_forward(policy)
-    next(ff.children()).register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))  # c_fc, gate
-    weights = torch.randn(ids.shape[0], ids.shape[1] - first, policy.config.hidden_size)
-    runs = []
-    for start in (0, first):
-        policy.zero_grad(set_to_none=True)
-        hidden = hidden_states(policy, ids, mask, tok.eos_token_id, start)[:, first - start :]
-        (hidden * weights).sum().backward()
-        runs.append((hidden.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
-    assert seen == [ids.shape[1], ids.shape[1] - first] and "forward" not in vars(ff)
-    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-6, rtol=1e-5)
-    assert runs[1][1].keys() == runs[0][1].keys()
-    for name, grad in runs[0][1].items():
-        torch.testing.assert_close(runs[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    first = prompt_ids.shape[1] - 1
+    assert cut_and_whole(policy, ids, mask, tok.eos_token_id, first) == [ids.shape[1], ids.shape[1] - first]
     with torch.no_grad():
         whole = sequence_scores(rm, ids, mask, tok.eos_token_id)
         torch.testing.assert_close(sequence_scores(rm, ids, mask, tok.eos_token_id, first), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "cut"),
+    [
+        (
+            GPTNeoXConfig(
+                vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+            ),
+            True,
+        ),
+        (
+            PhiConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+            True,
+        ),
+        (BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=2), False),
+    ],
+    ids=["gpt-neox", "phi", "bloom"],
+)
+def test_last_feed_forward_on_other_layouts(config, cut):
+    """Attention and feed-forward side by side (GPT-NeoX, Phi) are cut too; Bloom's feed-forward, which takes the
+    residual as a second argument, runs whole. Either way the result is the whole forward's."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ids, mask = torch.randint(1, 64, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[0, :3] = 0  # a left-padded row
+    assert cut_and_whole(model, ids, mask, 1, 4) == [9, 5 if cut else 9]
 
 
 def test_last_feed_forward_left_whole_where_the_forward_is_recomputed(family):

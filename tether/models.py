@@ -298,12 +298,14 @@ def last_feed_forward(model: nn.Module) -> nn.Module | None:
     return None if getattr(layer, "gradient_checkpointing", False) else ff
 
 
-def _forward_from(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A feed-forward's forward at positions ``self.tether_first`` on; zeros before them (read nowhere)."""
-    first = self.tether_first
-    if x.dim() != 3 or not 0 < first < x.shape[1]:
-        return type(self).forward(self, x)
-    return nn.functional.pad(type(self).forward(self, x[:, first:].contiguous()), (0, 0, first, 0))
+def _forward_from(self: nn.Module, x, *args, **kwargs):
+    """A feed-forward's forward at positions ``self.tether_first`` on; zeros before them (read nowhere). One that
+    takes more than the hidden states (Bloom's residual), or returns more than a tensor, runs whole."""
+    whole, first = type(self).forward, self.tether_first
+    if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() != 3 or not 0 < first < x.shape[1]:
+        return whole(self, x, *args, **kwargs)
+    out = whole(self, x[:, first:].contiguous())
+    return nn.functional.pad(out, (0, 0, first, 0)) if isinstance(out, torch.Tensor) else whole(self, x)
 
 
 @contextlib.contextmanager
@@ -318,7 +320,7 @@ def feed_forward_from(model: nn.Module, first: int):
     if ff is None:
         yield
         return
-    ff.tether_first, ff.forward = first, types.MethodType(_forward_from, ff)  # bound: a deep copy rebinds it
+    ff.tether_first, ff.forward = first, types.MethodType(_forward_from, ff)
     try:
         yield
     finally:
