@@ -5,7 +5,7 @@ from tether.data import prompt_batch
 from tether.models import ActorCritic, load_causal_lm, load_reward_model, reference_copy, response_logits
 from tether.precision import Placement
 from tether.rewards import FunctionScorer, RewardModelScorer
-from tether.rollout import Sampling, collect_rollout, generate, mask_after_eos
+from tether.rollout import Sampling, collect_rollout, generate, mask_after_eos, score_tokens
 
 
 def test_mask_after_eos_keeps_eos_and_pads_the_rest():
@@ -48,6 +48,34 @@ def test_rollout_logprobs_match_the_sampler_and_the_update(policy_dir, reward_di
     new = logprobs_from_logits(logits, rollout.response_ids) * rollout.response_mask
     torch.testing.assert_close(new, rollout.logprobs, atol=1e-5, rtol=0)
     assert rollout.raw_scores.shape == (4,)
+
+
+def test_scoring_skips_columns_that_are_padding_in_every_row_of_a_chunk(policy_dir, reward_dir, tokenizer, device):
+    """Scored one row at a time, each row reaches the models without its padding (a prompt's leading pad, a
+    response's trailing pad), and log-probs, values and entropy are those of scoring the padded rows together."""
+    torch.manual_seed(0)
+    placement = Placement(torch.device(device))
+    policy = load_causal_lm(policy_dir)
+    actor_critic = placement.trained(ActorCritic(policy, load_reward_model(reward_dir))).eval()
+    reference = placement.frozen(reference_copy(policy))
+    prompt_ids, prompt_mask = prompt_batch(tokenizer, ["1+1=", "12*34+5=", "9-4=", "7+77*3="], 32)
+    answers = [
+        tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for a in ["2", "413", "5", "23"]
+    ]
+    width = max(map(len, answers))
+    response_ids = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in answers])
+    response_mask = (torch.arange(width) < torch.tensor([len(a) for a in answers])[:, None]).long()
+    ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    args = [placement.move(t) for t in (ids, mask)] + [prompt_ids.shape[1], placement.move(response_ids), 0.7]
+    seen = []
+    reference.get_input_embeddings().register_forward_hook(lambda module, a, out: seen.append(a[0].shape[1]))
+    together = score_tokens(actor_critic, reference, *args, tokenizer.eos_token_id, chunk=4)
+    alone = score_tokens(actor_critic, reference, *args, tokenizer.eos_token_id, chunk=1)
+    assert seen == [ids.shape[1], *mask.sum(1).tolist()]
+    real = placement.move(response_mask) == 1
+    for key, value in together.items():
+        assert alone[key].shape == value.shape
+        torch.testing.assert_close(alone[key][real], value[real], atol=1e-5, rtol=1e-5, msg=key)
 
 
 def test_generate_stops_at_eos_and_respects_max_new_tokens(policy_dir, tokenizer, device):

@@ -1,4 +1,5 @@
 import re
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from tether.trainers.ppo import PPOTrainer
 from tether.trainers.reward import train_reward
 from tether.trainers.sft import train_sft
 from tether.tracking import read_metrics
+from tether.types import Rollout
 
 PROMPTS = ["1+1=", "2*3=", "9-4=", "7+7=", "3*3=", "8-1=", "5+4=", "6*2="]
 
@@ -93,6 +95,60 @@ def test_micro_batches_give_the_same_update(tiny_ppo_args, tmp_path, device):
         torch.testing.assert_close(results[0][key], results[1][key], atol=2e-5, rtol=1e-4)
 
 
+def with_padding_columns(rollout: Rollout, k: int, pad_id: int) -> Rollout:
+    """``rollout`` with ``k`` columns of padding before every prompt and after every response."""
+    out = {}
+    for f in fields(rollout):
+        value = getattr(rollout, f.name)
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            block = (
+                torch.full_like(value[:, :k], pad_id) if f.name.endswith("_ids") else torch.zeros_like(value[:, :k])
+            )
+            out[f.name] = torch.cat([block, value] if f.name.startswith("prompt_") else [value, block], 1)
+    return replace(rollout, **out)
+
+
+def test_rollout_trimmed_drops_only_columns_of_padding_in_every_row():
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    per_token = torch.arange(8.0).view(2, 4)
+    rollout = Rollout(prompt_mask * 7, prompt_mask, response_mask * 9, response_mask, *[per_token] * 3,
+                      torch.ones(2), torch.ones(2), torch.ones(2, dtype=torch.bool), per_token)  # fmt: skip
+    cut = rollout.trimmed()
+    assert torch.equal(cut.prompt_mask, prompt_mask[:, 1:]) and torch.equal(cut.prompt_ids, prompt_mask[:, 1:] * 7)
+    assert torch.equal(cut.response_mask, response_mask[:, :2]) and torch.equal(cut.values, per_token[:, :2])
+    assert torch.equal(cut.scores, rollout.scores) and cut.rewards is None
+    assert torch.equal(cut.sequence_ids, rollout.sequence_ids[:, 1:6])
+    nothing = replace(
+        rollout, prompt_mask=torch.zeros_like(prompt_mask), response_mask=torch.zeros_like(response_mask)
+    )
+    assert nothing.trimmed().sequence_ids.shape == (2, 2)  # the prompt's last column and one response column stay
+    assert rollout.select(torch.tensor([0, 1])).trimmed().trimmed().response_ids.shape == (2, 2)
+
+
+def test_update_never_feeds_columns_that_are_padding_in_every_row(tiny_ppo_args, tmp_path, device):
+    """A micro-batch drops the columns that are padding in all its rows before its forward: the same rollout with
+    three more such columns on each side feeds the models the same widths and trains the same weights."""
+    source = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path / "source", device=device))
+    rollout = source.compute_advantages(source.compute_rewards(source.rollout(PROMPTS)))
+    padded = with_padding_columns(rollout, 3, source.tokenizer.pad_token_id)
+    stats, weights, widths = [], [], []
+    for name, batch in (("plain", rollout), ("padded", padded)):
+        trainer = PPOTrainer.from_config(
+            ppo_config(tiny_ppo_args, tmp_path / name, "ppo.micro_batch_size=2", device=device)
+        )
+        seen = []
+        embedding = trainer.actor_critic.policy.get_input_embeddings()
+        embedding.register_forward_hook(lambda module, args, out, seen=seen: seen.append(args[0].shape[1]))
+        stats.append(trainer.optimize(batch))
+        weights.append(snapshot(trainer.actor_critic))
+        widths.append(seen)
+    assert widths[0] == widths[1] and max(widths[1]) <= rollout.sequence_ids.shape[1]
+    assert stats[1] == pytest.approx(stats[0], rel=1e-5, abs=1e-6)
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
 def test_checkpoint_is_safetensors_and_restores(tiny_ppo_args, tmp_path, device):
     trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, "ppo.steps=1", device=device))
     trainer.train(PROMPTS, tmp_path)
@@ -151,7 +207,7 @@ def test_a_separate_critic_updated_after_the_policy_gives_the_weights_of_one_ste
         trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
         trainer.update_index = start[2]
         seen.clear()
-        done, _ = trainer.minibatch_step(rollout, rollout.prompt_ids.shape[1])
+        done, _ = trainer.minibatch_step(rollout)
         stats[split] = {k: total / weight for k, (total, weight) in done.items()}
         weights[split] = snapshot(ac)
         assert len(seen) == 2 and (not any(seen) if split else seen[-1])

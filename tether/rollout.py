@@ -18,7 +18,7 @@ import torch
 from tether.algo import logprobs_and_entropy, logprobs_from_logits
 from tether.models import ActorCritic, gather_ids, response_logits
 from tether.sampling import Sampled, Sampling, sample
-from tether.types import Rollout
+from tether.types import Rollout, used_span
 
 __all__ = ["Sampling", "build_rollout", "collect_rollout", "generate", "mask_after_eos", "stop_ids"]
 
@@ -100,26 +100,35 @@ def score_tokens(
     only the reference (and a separate critic) run here.
     """
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    width = response_ids.shape[1]
     for start in range(0, sequence_ids.shape[0], chunk):
         rows = slice(start, start + chunk)
-        ids, mask = sequence_ids[rows], attention_mask[rows]
-        resp = gather_ids(response_ids[rows], mask[:, prompt_length:], fill_id)
+        # the columns that are padding in every row of the chunk never reach a model (as Rollout.trimmed)
+        first, stop = used_span(attention_mask[rows, :prompt_length], attention_mask[rows, prompt_length:])
+        columns = slice(first, prompt_length + stop)
+        ids, mask, length = sequence_ids[rows, columns], attention_mask[rows, columns], prompt_length - first
+        resp = gather_ids(response_ids[rows, :stop], mask[:, length:], fill_id)
         with autocast():  # values come out in float32; logits in float32 or bf16 (upcast by the log-prob functions)
             if sampled is None:
-                logits, values = actor_critic(ids, mask, prompt_length, temperature, fill_id)
+                logits, values = actor_critic(ids, mask, length, temperature, fill_id)
             else:
-                values = actor_critic.values(ids, mask, prompt_length, fill_id, sampled.hidden[rows])
-            ref_logits = response_logits(reference, ids, mask, prompt_length, temperature, fill_id)
+                values = actor_critic.values(ids, mask, length, fill_id, sampled.hidden[rows, :stop])
+            ref_logits = response_logits(reference, ids, mask, length, temperature, fill_id)
         if sampled is None:
             logprobs, entropy = logprobs_and_entropy(logits, resp)
-            outs["logprobs"].append(logprobs)
-            outs["entropy"].append(entropy)
+            outs["logprobs"].append(pad_right(logprobs, width))
+            outs["entropy"].append(pad_right(entropy, width))
         else:
             outs["logprobs"].append(sampled.logprobs[rows])
             outs["entropy"].append(sampled.entropy[rows])
-        outs["values"].append(values)
-        outs["ref_logprobs"].append(logprobs_from_logits(ref_logits, resp))
+        outs["values"].append(pad_right(values, width))
+        outs["ref_logprobs"].append(pad_right(logprobs_from_logits(ref_logits, resp), width))
     return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def pad_right(values: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, t) per-token values as (B, width): zeros after column t (padding, masked by the caller)."""
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
 
 
 @torch.no_grad()

@@ -48,6 +48,32 @@ class Rollout:
         picked = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v[index] for k, v in picked.items() if isinstance(v, torch.Tensor)})
 
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every row: the prompt's leading ones and the
+        response's trailing ones (at least one response column stays). Nothing that counts reads them: padding is
+        masked out of attention and keeps no position (``position_ids`` count real tokens), a causal model's output
+        at a position never depends on later tokens, and every loss and statistic is masked by ``response_mask``."""
+        start, stop = used_span(self.prompt_mask, self.response_mask)
+        if start == 0 and stop == self.response_ids.shape[1]:
+            return self
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        cut = {k: v[:, start:] if k.startswith("prompt_") else v[:, :stop] for k, v in picked.items() if is_columns(v)}
+        return replace(self, **cut)
+
+
+def used_span(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
+    """``(start, stop)``: the first prompt column and one past the last response column that hold a real token in
+    some row (the prompt's last column and the first response column always stay). One read-back from the device."""
+    width = prompt_mask.shape[1]
+    columns = torch.cat([prompt_mask.any(0), response_mask.any(0)]).cpu().nonzero().flatten().tolist()
+    start = min(next((c for c in columns if c < width), width), width - 1)
+    return start, max((c - width + 1 for c in columns if c >= width), default=1)
+
+
+def is_columns(value) -> bool:
+    """Whether a Rollout field is a (B, P) or (B, T) tensor (rather than one value per row, or absent)."""
+    return isinstance(value, torch.Tensor) and value.dim() == 2
+
 
 @dataclass
 class PreferenceBatch:

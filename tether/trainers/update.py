@@ -31,11 +31,11 @@ class PPOUpdate:
         ``guard/skipped_steps``; ``ppo.max_bad_steps`` of them in a row trigger the guards' restore.
         """
         sums, weights = defaultdict(float), defaultdict(float)
-        prompt_length, skipped, lr = rollout.prompt_ids.shape[1], 0, None
+        skipped, lr = 0, None
         with self.compiled():
             for _epoch in range(self.cfg.ppo_epochs):
                 for mb_index in batches(len(rollout), self.cfg.mini_batch_size, self.generator):
-                    done, lr = self.minibatch_step(rollout.select(mb_index.to(self.device)), prompt_length)
+                    done, lr = self.minibatch_step(rollout.select(mb_index.to(self.device)))
                     if done is None:
                         skipped += 1
                         continue
@@ -55,7 +55,7 @@ class PPOUpdate:
         cache = self.__dict__.setdefault("compiled_forwards", {})
         return compiled_trunks([self.actor_critic.policy, self.actor_critic.critic], cache)
 
-    def minibatch_step(self, mb: Rollout, prompt_length: int) -> tuple[dict | None, float | None]:
+    def minibatch_step(self, mb: Rollout) -> tuple[dict | None, float | None]:
         """The micro-batches' forwards and backwards, gradient clipping and one optimizer step: ``({metric: (sum,
         weight)}, lr)``, or ``(None, lr)`` when a loss or gradient is not finite.
 
@@ -72,7 +72,7 @@ class PPOUpdate:
             set_lr(self.optimizer, lr)
         sums, weights, finite = defaultdict(float), defaultdict(float), True
         for part in ("policy", "critic") if self.split_update else (None,):
-            part_sums, part_weights = self.accumulate(mb, prompt_length, num_tokens, part)
+            part_sums, part_weights = self.accumulate(mb, num_tokens, part)
             norms = self.clip_gradients()
             losses = [v for k, v in part_sums.items() if k.startswith("loss/")]
             if all(math.isfinite(v) for v in [*losses, *norms.values()]):
@@ -91,18 +91,20 @@ class PPOUpdate:
             weights["loss/total"] = weights["loss/policy"]
         return {k: (sums[k], weights[k]) for k in sums}, lr
 
-    def accumulate(self, mb: Rollout, prompt_length: int, num_tokens, part: str | None) -> tuple[dict, dict]:
+    def accumulate(self, mb: Rollout, num_tokens, part: str | None) -> tuple[dict, dict]:
         """This process's micro-batches of ``mb`` forward and backward for ``part`` (:meth:`micro_step`), the
-        gradients accumulated: their statistics' (sums, weights) over every process."""
+        gradients accumulated: their statistics' (sums, weights) over every process. Each micro-batch drops the
+        columns that are padding in all its rows first (:meth:`Rollout.trimmed`)."""
         rows = range(len(mb))[distributed.shard(len(mb))]
         sums, weights = defaultdict(float), defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
         for start in range(rows.start, rows.stop, self.micro_batch_size):
             micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, rows.stop), device=self.device))
+            micro = micro.trimmed()
             n = micro.response_mask.sum()
             last = start + self.micro_batch_size >= rows.stop
             with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
-                micro_stats = self.micro_step(micro, prompt_length, num_tokens, part)
+                micro_stats = self.micro_step(micro, num_tokens, part)
             for k, v in micro_stats.items():
                 sums[k] += v * n
                 weights[k] += n
@@ -125,14 +127,14 @@ class PPOUpdate:
         """Whether to end the PPO epochs early, after each epoch (never here; the legacy trainer's early_stopping)."""
         return False
 
-    def micro_step(self, micro: Rollout, prompt_length: int, num_tokens: torch.Tensor, part=None) -> dict:
+    def micro_step(self, micro: Rollout, num_tokens: torch.Tensor, part=None) -> dict:
         """Forward + backward of one micro-batch; the losses are normalised by the minibatch's token count. Its
         statistics stay 0-d tensors on the device (no wait for the device between micro-batches).
 
         ``part``: None for both losses in one backward; "policy" or "critic" for that model's loss alone (a separate
         critic's pass, :meth:`minibatch_step`). The legacy trainer's hooks (:meth:`loss_weight`,
         :meth:`micro_extras`) see the policy's pass and the joint one; its value model is always a head."""
-        args = (micro.sequence_ids, micro.attention_mask, prompt_length)
+        args = (micro.sequence_ids, micro.attention_mask, micro.prompt_ids.shape[1])
         mask = micro.response_mask.float()
         scale = num_tokens / mask.sum().clamp(min=1.0)  # per-token means of this micro-batch
         stats, loss, weight = {}, 0.0, 1.0
