@@ -14,7 +14,7 @@ from tether.trainers.ppo import PPOTrainer
 from tether.trainers.reward import train_reward
 from tether.trainers.sft import train_sft
 from tether.tracking import read_metrics
-from tether.types import Rollout
+from tether.types import Rollout, by_length
 
 PROMPTS = ["1+1=", "2*3=", "9-4=", "7+7=", "3*3=", "8-1=", "5+4=", "6*2="]
 
@@ -147,6 +147,38 @@ def test_update_never_feeds_columns_that_are_padding_in_every_row(tiny_ppo_args,
     assert stats[1] == pytest.approx(stats[0], rel=1e-5, abs=1e-6)
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_by_length_orders_rows_by_real_tokens_ties_in_row_order():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 0], [1, 1, 0, 0]])
+    assert by_length(mask).tolist() == [1, 3, 4, 0, 2]
+
+
+def test_micro_batches_group_rows_of_like_length(tiny_ppo_args, tmp_path, device):
+    """With every other response cut to two tokens, the micro-batches of a minibatch take the short rows together
+    and then the long ones (each fed without the padding of its rows), and train what one micro-batch trains."""
+    source = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path / "source", device=device))
+    rollout = source.rollout(PROMPTS)
+    cut = torch.zeros_like(rollout.response_mask)
+    cut[::2, :2], cut[1::2] = 1, 1
+    mask = rollout.response_mask * cut
+    short = {k: getattr(rollout, k) * mask for k in ("logprobs", "ref_logprobs", "values", "entropy")}
+    padded_ids = rollout.response_ids.masked_fill(mask == 0, source.tokenizer.pad_token_id)
+    rollout = replace(rollout, response_mask=mask, response_ids=padded_ids, **short)
+    rollout = source.compute_advantages(source.compute_rewards(rollout))
+    weights, widths = [], []
+    for micro in (2, 8):
+        overrides = ("ppo.mini_batch_size=8", f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=1")
+        trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path / str(micro), *overrides, device=device))
+        seen = []
+        embedding = trainer.actor_critic.policy.get_input_embeddings()
+        embedding.register_forward_hook(lambda module, args, out, seen=seen: seen.append(args[0].shape[1]))
+        trainer.optimize(rollout)
+        weights.append(snapshot(trainer.actor_critic))
+        widths.append(seen)
+    assert widths[0] == sorted(widths[0]) and widths[0][1] < widths[0][2] and widths[1] == [max(widths[0])]
+    for key, value in weights[1].items():
+        torch.testing.assert_close(weights[0][key], value, atol=2e-5, rtol=1e-4, msg=key)
 
 
 def test_checkpoint_is_safetensors_and_restores(tiny_ppo_args, tmp_path, device):

@@ -18,7 +18,7 @@ import torch
 from tether.algo import logprobs_and_entropy, logprobs_from_logits
 from tether.models import ActorCritic, gather_ids, response_logits
 from tether.sampling import Sampled, Sampling, sample
-from tether.types import Rollout, used_span
+from tether.types import Rollout, by_length, used_span
 
 __all__ = ["Sampling", "build_rollout", "collect_rollout", "generate", "mask_after_eos", "stop_ids"]
 
@@ -100,9 +100,9 @@ def score_tokens(
     only the reference (and a separate critic) run here.
     """
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
-    width = response_ids.shape[1]
+    width, order = response_ids.shape[1], by_length(attention_mask).to(sequence_ids.device)
     for start in range(0, sequence_ids.shape[0], chunk):
-        rows = slice(start, start + chunk)
+        rows = order[start : start + chunk]  # rows of like length together, so they share their padding
         # the columns that are padding in every row of the chunk never reach a model (as Rollout.trimmed)
         first, stop = used_span(attention_mask[rows, :prompt_length], attention_mask[rows, prompt_length:])
         columns = slice(first, prompt_length + stop)
@@ -123,7 +123,7 @@ def score_tokens(
             outs["entropy"].append(sampled.entropy[rows])
         outs["values"].append(pad_right(values, width))
         outs["ref_logprobs"].append(pad_right(logprobs_from_logits(ref_logits, resp), width))
-    return {k: torch.cat(v) for k, v in outs.items()}
+    return {k: torch.cat(v)[order.argsort()] for k, v in outs.items()}  # back in row order
 
 
 def pad_right(values: torch.Tensor, width: int) -> torch.Tensor:

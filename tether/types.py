@@ -70,6 +70,12 @@ def used_span(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[i
     return start, max((c - width + 1 for c in columns if c >= width), default=1)
 
 
+def by_length(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The rows' indices (on the CPU) from the fewest real tokens to the most, ties in row order: cut into consecutive
+    groups, rows of like length share their padding. One read-back from the device."""
+    return torch.sort(attention_mask.sum(1).cpu(), stable=True).indices
+
+
 def is_columns(value) -> bool:
     """Whether a Rollout field is a (B, P) or (B, T) tensor (rather than one value per row, or absent)."""
     return isinstance(value, torch.Tensor) and value.dim() == 2

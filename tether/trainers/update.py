@@ -18,7 +18,7 @@ from tether import distributed
 from tether.algo import logprobs_and_entropy, masked_mean, ppo_policy_loss, ppo_value_loss
 from tether.models import compiled_trunks, gather_ids, response_logits
 from tether.trainers.common import batches, lr_factor, set_lr
-from tether.types import Rollout
+from tether.types import Rollout, by_length
 
 
 class PPOUpdate:
@@ -93,16 +93,18 @@ class PPOUpdate:
 
     def accumulate(self, mb: Rollout, num_tokens, part: str | None) -> tuple[dict, dict]:
         """This process's micro-batches of ``mb`` forward and backward for ``part`` (:meth:`micro_step`), the
-        gradients accumulated: their statistics' (sums, weights) over every process. Each micro-batch drops the
-        columns that are padding in all its rows first (:meth:`Rollout.trimmed`)."""
+        gradients accumulated: their statistics' (sums, weights) over every process. The micro-batches take the
+        rows in order of length (:func:`tether.types.by_length`) and drop the columns that are padding in all their
+        rows (:meth:`Rollout.trimmed`); the gradient is their sum, whatever the grouping."""
         rows = range(len(mb))[distributed.shard(len(mb))]
+        block = mb.select(torch.arange(rows.start, rows.stop, device=self.device)) if len(rows) < len(mb) else mb
+        order = by_length(block.attention_mask) if len(block) > self.micro_batch_size else torch.arange(len(block))
         sums, weights = defaultdict(float), defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
-        for start in range(rows.start, rows.stop, self.micro_batch_size):
-            micro = mb.select(torch.arange(start, min(start + self.micro_batch_size, rows.stop), device=self.device))
-            micro = micro.trimmed()
+        for start in range(0, len(block), self.micro_batch_size):
+            micro = block.select(order[start : start + self.micro_batch_size].to(self.device)).trimmed()
             n = micro.response_mask.sum()
-            last = start + self.micro_batch_size >= rows.stop
+            last = start + self.micro_batch_size >= len(block)
             with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
                 micro_stats = self.micro_step(micro, num_tokens, part)
             for k, v in micro_stats.items():
