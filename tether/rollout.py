@@ -100,11 +100,13 @@ def score_tokens(
     only the reference (and a separate critic) run here.
     """
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
-    width, order = response_ids.shape[1], by_length(attention_mask).to(sequence_ids.device)
+    masks = attention_mask.cpu()  # read back once, not per chunk
+    width, order = response_ids.shape[1], by_length(masks)  # rows of like length together share their padding
     for start in range(0, sequence_ids.shape[0], chunk):
-        rows = order[start : start + chunk]  # rows of like length together, so they share their padding
+        picked = masks[order[start : start + chunk]]
         # the columns that are padding in every row of the chunk never reach a model (as Rollout.trimmed)
-        first, stop = used_span(attention_mask[rows, :prompt_length], attention_mask[rows, prompt_length:])
+        first, stop = used_span(picked[:, :prompt_length], picked[:, prompt_length:])
+        rows = order[start : start + chunk].to(sequence_ids.device)
         columns = slice(first, prompt_length + stop)
         ids, mask, length = sequence_ids[rows, columns], attention_mask[rows, columns], prompt_length - first
         resp = gather_ids(response_ids[rows, :stop], mask[:, length:], fill_id)
@@ -123,7 +125,8 @@ def score_tokens(
             outs["entropy"].append(sampled.entropy[rows])
         outs["values"].append(pad_right(values, width))
         outs["ref_logprobs"].append(pad_right(logprobs_from_logits(ref_logits, resp), width))
-    return {k: torch.cat(v)[order.argsort()] for k, v in outs.items()}  # back in row order
+    back = order.argsort().to(sequence_ids.device)  # to row order
+    return {k: torch.cat(v)[back] for k, v in outs.items()}
 
 
 def pad_right(values: torch.Tensor, width: int) -> torch.Tensor:

@@ -48,12 +48,13 @@ class Rollout:
         picked = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v[index] for k, v in picked.items() if isinstance(v, torch.Tensor)})
 
-    def trimmed(self) -> Rollout:
+    def trimmed(self, span: tuple[int, int] | None = None) -> Rollout:
         """The same rows without the columns that are padding in every row: the prompt's leading ones and the
         response's trailing ones (at least one response column stays). Nothing that counts reads them: padding is
         masked out of attention and keeps no position (``position_ids`` count real tokens), a causal model's output
-        at a position never depends on later tokens, and every loss and statistic is masked by ``response_mask``."""
-        start, stop = used_span(self.prompt_mask, self.response_mask)
+        at a position never depends on later tokens, and every loss and statistic is masked by ``response_mask``.
+        ``span``: :func:`used_span` of these rows when the caller has it (from masks it already read back)."""
+        start, stop = span or used_span(self.prompt_mask, self.response_mask)
         if start == 0 and stop == self.response_ids.shape[1]:
             return self
         picked = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -18,7 +18,7 @@ from tether import distributed
 from tether.algo import logprobs_and_entropy, masked_mean, ppo_policy_loss, ppo_value_loss
 from tether.models import compiled_trunks, gather_ids, response_logits
 from tether.trainers.common import batches, lr_factor, set_lr
-from tether.types import Rollout, by_length
+from tether.types import Rollout, by_length, used_span
 
 
 class PPOUpdate:
@@ -92,19 +92,14 @@ class PPOUpdate:
         return {k: (sums[k], weights[k]) for k in sums}, lr
 
     def accumulate(self, mb: Rollout, num_tokens, part: str | None) -> tuple[dict, dict]:
-        """This process's micro-batches of ``mb`` forward and backward for ``part`` (:meth:`micro_step`), the
-        gradients accumulated: their statistics' (sums, weights) over every process. The micro-batches take the
-        rows in order of length (:func:`tether.types.by_length`) and drop the columns that are padding in all their
-        rows (:meth:`Rollout.trimmed`); the gradient is their sum, whatever the grouping."""
+        """This process's micro-batches of ``mb`` (:meth:`micro_batches`) forward and backward for ``part``
+        (:meth:`micro_step`), the gradients accumulated: their statistics' (sums, weights) over every process."""
         rows = range(len(mb))[distributed.shard(len(mb))]
         block = mb.select(torch.arange(rows.start, rows.stop, device=self.device)) if len(rows) < len(mb) else mb
-        order = by_length(block.attention_mask) if len(block) > self.micro_batch_size else torch.arange(len(block))
         sums, weights = defaultdict(float), defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, len(block), self.micro_batch_size):
-            micro = block.select(order[start : start + self.micro_batch_size].to(self.device)).trimmed()
+        for micro, last in self.micro_batches(block):
             n = micro.response_mask.sum()
-            last = start + self.micro_batch_size >= len(block)
             with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
                 micro_stats = self.micro_step(micro, num_tokens, part)
             for k, v in micro_stats.items():
@@ -112,6 +107,19 @@ class PPOUpdate:
                 weights[k] += n
         # read back once, after every backward is queued: a read before a backward would stall a GPU's queue
         return self.global_sums({k: float(v) for k, v in sums.items()}, {k: float(v) for k, v in weights.items()})
+
+    def micro_batches(self, block: Rollout):
+        """``(micro-batch, is_last)`` pairs over ``block``: its rows in order of length (:func:`types.by_length`)
+        ``micro_batch_size`` at a time, each without the columns that are padding in all its rows
+        (:meth:`Rollout.trimmed`). A minibatch's gradient is the sum over its micro-batches, whatever the grouping."""
+        seen = block.attention_mask  # read back with the response mask once, not per micro-batch
+        masks = torch.cat([seen, block.response_mask], 1).cpu()
+        seen, response_mask, width = masks[:, : seen.shape[1]], masks[:, seen.shape[1] :], block.prompt_ids.shape[1]
+        order, size = by_length(seen), self.micro_batch_size
+        for start in range(0, len(block), size):
+            index = order[start : start + size]
+            span = used_span(seen[index, :width], response_mask[index])
+            yield block.select(index.to(self.device)).trimmed(span), start + size >= len(block)
 
     @staticmethod
     def global_sums(sums: dict, weights: dict) -> tuple[dict, dict]:
