@@ -64,7 +64,7 @@ class Rollout:
 
 def used_span(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
     """``(start, stop)``: the first prompt column and one past the last response column that hold a real token in
-    some row (the prompt's last column and the first response column always stay). One read-back from the device."""
+    some row (the prompt's last column and the first response column always stay); masks on a device are read back."""
     width = prompt_mask.shape[1]
     columns = torch.cat([prompt_mask.any(0), response_mask.any(0)]).cpu().nonzero().flatten().tolist()
     start = min(next((c for c in columns if c < width), width), width - 1)
@@ -72,8 +72,8 @@ def used_span(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[i
 
 
 def by_length(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The rows' indices (on the CPU) from the fewest real tokens to the most, ties in row order: cut into consecutive
-    groups, rows of like length share their padding. One read-back from the device."""
+    """The rows' indices (a CPU tensor) from the fewest real tokens to the most, ties in row order: cut into
+    consecutive groups, rows of like length share their padding."""
     return torch.sort(attention_mask.sum(1).cpu(), stable=True).indices
 
 

@@ -112,13 +112,13 @@ class PPOUpdate:
         """``(micro-batch, is_last)`` pairs over ``block``: its rows in order of length (:func:`types.by_length`)
         ``micro_batch_size`` at a time, each without the columns that are padding in all its rows
         (:meth:`Rollout.trimmed`). A minibatch's gradient is the sum over its micro-batches, whatever the grouping."""
-        seen = block.attention_mask  # read back with the response mask once, not per micro-batch
-        masks = torch.cat([seen, block.response_mask], 1).cpu()
-        seen, response_mask, width = masks[:, : seen.shape[1]], masks[:, seen.shape[1] :], block.prompt_ids.shape[1]
-        order, size = by_length(seen), self.micro_batch_size
+        attention, response_mask, size = block.attention_mask, block.response_mask, self.micro_batch_size
+        masks = torch.cat([attention, response_mask], 1).cpu()  # read back once, not per micro-batch
+        attention, response_mask = masks.split([attention.shape[1], response_mask.shape[1]], 1)
+        order, prompt_width = by_length(attention), block.prompt_ids.shape[1]
         for start in range(0, len(block), size):
             index = order[start : start + size]
-            span = used_span(seen[index, :width], response_mask[index])
+            span = used_span(attention[index, :prompt_width], response_mask[index])
             yield block.select(index.to(self.device)).trimmed(span), start + size >= len(block)
 
     @staticmethod
