@@ -24,6 +24,7 @@ from tether.config import RunConfig
 from tether.data import left_pad
 from tether.models import (
     ActorCritic,
+    compiled_trunks,
     enable_gradient_checkpointing,
     fuse_activations,
     hidden_states,
@@ -219,10 +220,14 @@ def test_last_feed_forward_on_other_layouts(config, cut):
     assert cut_and_whole(model, ids, mask, 1, 4) == [9, 5 if cut else 9]
 
 
-def test_last_feed_forward_left_whole_where_the_forward_is_recomputed(family):
-    """Gradient checkpointing recomputes each layer in the backward pass with its whole input: no skipping there."""
+def test_last_feed_forward_left_whole_where_compiled_or_recomputed(family):
+    """A trunk under torch.compile (model.compile) would compile a graph per prompt length, and gradient
+    checkpointing recomputes each layer in the backward pass with its whole input: no skipping in either."""
     _, policy_dir, _ = family
     policy = load_causal_lm(policy_dir)
+    assert last_feed_forward(policy) is not None
+    with compiled_trunks([policy], {}):
+        assert last_feed_forward(policy) is None
     assert last_feed_forward(policy) is not None
     enable_gradient_checkpointing(True, policy)
     assert last_feed_forward(policy) is None

@@ -288,9 +288,13 @@ def hidden_states(model: nn.Module, ids, attention_mask, fill_id: int, first: in
 def last_feed_forward(model: nn.Module) -> nn.Module | None:
     """The dense feed-forward (``mlp``, a ``...MLP`` class) of the last decoder layer, where the trunk keeps its
     layers in one ModuleList (GPT-2, Llama, Qwen, Mistral, GPT-NeoX, Phi, Gemma); None for other layouts, mixtures
-    of experts, a feed-forward whose ``forward`` something else already replaced (hooks, offloading), or a layer
-    that recomputes its forward in the backward pass (gradient checkpointing: the recomputation must match)."""
-    layers = [m for m in trunk(model).children() if isinstance(m, nn.ModuleList)]
+    of experts, a feed-forward whose ``forward`` something else already replaced (hooks, offloading), a layer
+    that recomputes its forward in the backward pass (gradient checkpointing: the recomputation must match), or a
+    trunk run through ``torch.compile`` (``model.compile``: its graphs would be specialised on each prompt length)."""
+    body = trunk(model)
+    if "forward" in vars(body):  # compiled_trunks put a compiled forward there
+        return None
+    layers = [m for m in body.children() if isinstance(m, nn.ModuleList)]
     layer = layers[0][-1] if len(layers) == 1 and len(layers[0]) else None
     ff = getattr(layer, "mlp", None)
     if not isinstance(ff, nn.Module) or not type(ff).__name__.endswith("MLP") or "forward" in vars(ff):
