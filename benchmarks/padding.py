@@ -35,20 +35,17 @@ from tether.tracking import read_metrics  # noqa: E402
 from tether.trainers import update as update_module  # noqa: E402
 from tether.trainers.ppo import PPOTrainer  # noqa: E402
 
-ON = {"trimmed": types.Rollout.trimmed, "used_span": types.used_span, "by_length": types.by_length}
-OFF = {
-    "trimmed": lambda self, span=None: self,
-    "used_span": lambda prompt_mask, response_mask: (0, response_mask.shape[1]),
-    "by_length": lambda mask: torch.arange(mask.shape[0]),
-}
+
+def in_row_order(prompt_mask: torch.Tensor, response_mask: torch.Tensor, size: int):
+    """``types.length_groups`` as it was before it: consecutive rows, every column."""
+    for start in range(0, prompt_mask.shape[0], size):
+        yield torch.arange(start, min(start + size, prompt_mask.shape[0])), (0, response_mask.shape[1])
 
 
 def switch(on: bool) -> None:
     """Trimming and length order on or off, where the update and the scoring look them up."""
-    chosen = ON if on else OFF
-    types.Rollout.trimmed = chosen["trimmed"]
     for module in (rollout_module, update_module):
-        module.used_span, module.by_length = chosen["used_span"], chosen["by_length"]
+        module.length_groups = types.length_groups if on else in_row_order
 
 
 def main() -> None:

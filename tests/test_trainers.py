@@ -14,7 +14,7 @@ from tether.trainers.ppo import PPOTrainer
 from tether.trainers.reward import train_reward
 from tether.trainers.sft import train_sft
 from tether.tracking import read_metrics
-from tether.types import Rollout, by_length
+from tether.types import Rollout, by_length, length_groups
 
 PROMPTS = ["1+1=", "2*3=", "9-4=", "7+7=", "3*3=", "8-1=", "5+4=", "6*2="]
 
@@ -152,6 +152,13 @@ def test_update_never_feeds_columns_that_are_padding_in_every_row(tiny_ppo_args,
 def test_by_length_orders_rows_by_real_tokens_ties_in_row_order():
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 0], [1, 1, 0, 0]])
     assert by_length(mask).tolist() == [1, 3, 4, 0, 2]
+
+
+def test_length_groups_gives_each_group_its_own_span():
+    prompt_mask = torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]])
+    response_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    groups = [(rows.tolist(), span) for rows, span in length_groups(prompt_mask, response_mask, 2)]
+    assert groups == [([0, 3], (2, 2)), ([2, 1], (0, 4))]
 
 
 def test_micro_batches_group_rows_of_like_length(tiny_ppo_args, tmp_path, device):

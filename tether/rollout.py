@@ -18,7 +18,7 @@ import torch
 from tether.algo import logprobs_and_entropy, logprobs_from_logits
 from tether.models import ActorCritic, gather_ids, response_logits
 from tether.sampling import Sampled, Sampling, sample
-from tether.types import Rollout, by_length, used_span
+from tether.types import Rollout, length_groups
 
 __all__ = ["Sampling", "build_rollout", "collect_rollout", "generate", "mask_after_eos", "stop_ids"]
 
@@ -100,13 +100,13 @@ def score_tokens(
     only the reference (and a separate critic) run here.
     """
     outs = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
-    masks = attention_mask.cpu()  # read back once, not per chunk
-    width, order = response_ids.shape[1], by_length(masks)  # rows of like length together share their padding
-    for start in range(0, sequence_ids.shape[0], chunk):
-        picked = masks[order[start : start + chunk]]
-        # the columns that are padding in every row of the chunk never reach a model (as Rollout.trimmed)
-        first, stop = used_span(picked[:, :prompt_length], picked[:, prompt_length:])
-        rows = order[start : start + chunk].to(sequence_ids.device)
+    width, order = response_ids.shape[1], []
+    # rows of like length together, without the columns that are padding in all of them (as the update's micro-batches)
+    for rows, (first, stop) in length_groups(
+        attention_mask[:, :prompt_length], attention_mask[:, prompt_length:], chunk
+    ):
+        order.append(rows)
+        rows = rows.to(sequence_ids.device)
         columns = slice(first, prompt_length + stop)
         ids, mask, length = sequence_ids[rows, columns], attention_mask[rows, columns], prompt_length - first
         resp = gather_ids(response_ids[rows, :stop], mask[:, length:], fill_id)
@@ -125,7 +125,7 @@ def score_tokens(
             outs["entropy"].append(sampled.entropy[rows])
         outs["values"].append(pad_right(values, width))
         outs["ref_logprobs"].append(pad_right(logprobs_from_logits(ref_logits, resp), width))
-    back = order.argsort().to(sequence_ids.device)  # to row order
+    back = torch.cat(order).argsort().to(sequence_ids.device)  # to row order
     return {k: torch.cat(v)[back] for k, v in outs.items()}
 
 

@@ -77,6 +77,18 @@ def by_length(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.sort(attention_mask.sum(1).cpu(), stable=True).indices
 
 
+def length_groups(prompt_mask: torch.Tensor, response_mask: torch.Tensor, size: int):
+    """``(rows, span)`` for groups of ``size`` rows taken in order of length (:func:`by_length`), ``span`` the
+    group's :func:`used_span`: micro-batches and scoring chunks that share their padding and drop what is left of it.
+    The masks are read back once, not per group."""
+    masks = torch.cat([prompt_mask, response_mask], 1).cpu()
+    prompt_mask, response_mask = masks.split([prompt_mask.shape[1], response_mask.shape[1]], 1)
+    order = by_length(masks)
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        yield rows, used_span(prompt_mask[rows], response_mask[rows])
+
+
 def is_columns(value) -> bool:
     """Whether a Rollout field is a (B, P) or (B, T) tensor (rather than one value per row, or absent)."""
     return isinstance(value, torch.Tensor) and value.dim() == 2

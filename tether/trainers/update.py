@@ -18,7 +18,7 @@ from tether import distributed
 from tether.algo import logprobs_and_entropy, masked_mean, ppo_policy_loss, ppo_value_loss
 from tether.models import compiled_trunks, gather_ids, response_logits
 from tether.trainers.common import batches, lr_factor, set_lr
-from tether.types import Rollout, by_length, used_span
+from tether.types import Rollout, length_groups
 
 
 class PPOUpdate:
@@ -94,11 +94,9 @@ class PPOUpdate:
     def accumulate(self, mb: Rollout, num_tokens, part: str | None) -> tuple[dict, dict]:
         """This process's micro-batches of ``mb`` (:meth:`micro_batches`) forward and backward for ``part``
         (:meth:`micro_step`), the gradients accumulated: their statistics' (sums, weights) over every process."""
-        rows = range(len(mb))[distributed.shard(len(mb))]
-        block = mb.select(torch.arange(rows.start, rows.stop, device=self.device)) if len(rows) < len(mb) else mb
         sums, weights = defaultdict(float), defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
-        for micro, last in self.micro_batches(block):
+        for micro, last in self.micro_batches(mb):
             n = micro.response_mask.sum()
             with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
                 micro_stats = self.micro_step(micro, num_tokens, part)
@@ -108,18 +106,15 @@ class PPOUpdate:
         # read back once, after every backward is queued: a read before a backward would stall a GPU's queue
         return self.global_sums({k: float(v) for k, v in sums.items()}, {k: float(v) for k, v in weights.items()})
 
-    def micro_batches(self, block: Rollout):
-        """``(micro-batch, is_last)`` pairs over ``block``: its rows in order of length (:func:`types.by_length`)
-        ``micro_batch_size`` at a time, each without the columns that are padding in all its rows
-        (:meth:`Rollout.trimmed`). A minibatch's gradient is the sum over its micro-batches, whatever the grouping."""
-        attention, response_mask, size = block.attention_mask, block.response_mask, self.micro_batch_size
-        masks = torch.cat([attention, response_mask], 1).cpu()  # read back once, not per micro-batch
-        attention, response_mask = masks.split([attention.shape[1], response_mask.shape[1]], 1)
-        order, prompt_width = by_length(attention), block.prompt_ids.shape[1]
-        for start in range(0, len(block), size):
-            index = order[start : start + size]
-            span = used_span(attention[index, :prompt_width], response_mask[index])
-            yield block.select(index.to(self.device)).trimmed(span), start + size >= len(block)
+    def micro_batches(self, mb: Rollout):
+        """``(micro-batch, is_last)`` pairs over this process's rows of ``mb``: ``micro_batch_size`` of them at a time
+        in order of length, each without the columns that are padding in all its rows (:func:`types.length_groups`,
+        :meth:`Rollout.trimmed`). A minibatch's gradient is the sum over its micro-batches, whatever the grouping."""
+        rows = range(len(mb))[distributed.shard(len(mb))]
+        mine = slice(rows.start, rows.stop)
+        groups = list(length_groups(mb.prompt_mask[mine], mb.response_mask[mine], self.micro_batch_size))
+        for n, (index, span) in enumerate(groups, 1):
+            yield mb.select((index + rows.start).to(self.device)).trimmed(span), n == len(groups)
 
     @staticmethod
     def global_sums(sums: dict, weights: dict) -> tuple[dict, dict]:
