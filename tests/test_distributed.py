@@ -104,6 +104,26 @@ def test_shard_gives_each_rank_a_block(monkeypatch):
     assert distributed.block(5) == (slice(2, 5), 0.6)
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_process_leaves_without_python_teardown(world):
+    """Under torchrun, ``leave`` flushes what was printed and exits with the code before Python's teardown (where
+    gloo's threads could abort a finished run); on one process it returns and the teardown runs as usual."""
+    script = (
+        "import atexit, sys\n"
+        "from tether import distributed\n"
+        "atexit.register(lambda: print('teardown'))\n"
+        "print('printed', end='')\n"
+        "distributed.leave(3)\n"
+        "sys.exit(4)\n"
+    )
+    env = dict(ENV, WORLD_SIZE=world)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    if world == "2":
+        assert (result.returncode, result.stdout) == (3, "printed")
+    else:
+        assert (result.returncode, result.stdout) == (4, "printedteardown\n")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

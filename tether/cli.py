@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     finally:
         distributed.shutdown(sync=code == 0)
+    distributed.leave(code)
     sys.exit(code)
 
 
