@@ -160,7 +160,8 @@ def test_lora_on_each_family(family):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         policy = add_lora(model, r=4, alpha=8.0)
-    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    # neither peft's Conv1D warning nor its use of a name transformers deprecated reaches the user
+    assert not [w for w in caught if any(s in str(w.message) for s in ("fan_in_fan_out", "is_gradient_checkpointing"))]
     for name, p in policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)

@@ -4,6 +4,7 @@ merged plain model a saved folder holds."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -52,7 +53,9 @@ def add_lora(policy: nn.Module, r: int, alpha: float = 16.0, dropout: float = 0.
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(policy, config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated name; nothing for the user to change
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(policy, config)
     except ValueError as e:
         raise TetherError(f"model.lora_target_modules='{target_modules}': {str(e).splitlines()[0]}") from None
 
