@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from tether import prepack
-from tether.decoding import lean_decoder
+from tether.decoding import LeanDecoder, lean_decoder
 from tether.models import model_inputs
 from tether import sampling
 from tether.sampling import Sampling, row_keys, sample
@@ -302,3 +302,25 @@ def test_a_compiled_sampler_compiles_once_per_length_bucket_and_falls_back_when_
     assert decoding._COMPILED["step"] is decoding.one_token  # later samplers go straight to the eager step
     assert torch.equal(fallen.tokens, eager.tokens)
     torch.testing.assert_close(fallen.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)  # a longer cache: rounding
+
+
+def test_rows_that_stopped_leave_the_batch_and_the_others_sample_the_same(monkeypatch):
+    """On the CPU the eager decoder drops the rows that have stopped once a quarter of its rows have (a step costs
+    less with fewer rows): the other rows draw the tokens, and record the log-probs, entropies and hidden states, that
+    decoding every row to the end gives."""
+    model = build("llama")
+    torch.manual_seed(1)
+    ids = torch.randint(3, 200, (8, 5))
+    keys = row_keys(3, 0, range(8))
+    stops = list(range(3, 33))  # a sixth of the vocabulary: rows stop after different numbers of steps
+    kept, keep_rows = [], LeanDecoder.keep_rows
+    monkeypatch.setattr(LeanDecoder, "keep_rows", lambda self, rows: (kept.append(len(rows)), keep_rows(self, rows)))
+    dropping = sample(model, ids, torch.ones_like(ids), Sampling(16), stops, keys, record=True)
+    monkeypatch.setattr(LeanDecoder, "can_keep_rows", False)
+    whole = sample(model, ids, torch.ones_like(ids), Sampling(16), stops, keys, record=True)
+    lengths = torch.isin(whole.tokens, torch.tensor(stops)).int().argmax(1)
+    assert len(set(lengths.tolist())) > 3  # the rows stopped at different steps
+    assert kept and kept == sorted(kept, reverse=True) and kept[0] <= 6  # dropped a quarter or more each time
+    assert torch.equal(dropping.tokens, whole.tokens)
+    for name in ("logprobs", "entropy", "hidden"):
+        torch.testing.assert_close(getattr(dropping, name), getattr(whole, name), atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ from tether.data import prompt_batch
 from tether.models import ActorCritic, load_causal_lm, model_inputs, reference_copy, response_logits
 from tether.precision import Placement
 from tether.rewards import FunctionScorer
-from tether.rollout import collect_rollout
+from tether.rollout import collect_rollout, mask_after_eos
 from tether.sampling import Sampling, decode_step, draw, filter_logits, row_keys, sample, uniform_noise
 
 PROMPTS = ["1+1=", "12*34+5=", "9-4=", "7+7=", "100-1="]
@@ -150,14 +150,22 @@ def test_recorded_logprobs_entropy_and_hidden_match_the_full_forward(policy_dir,
     placement = Placement(torch.device(device))
     policy = placement.frozen(load_causal_lm(policy_dir))
     ids, mask = map(placement.move, prompt_batch(tokenizer, PROMPTS, 32))
-    got = sample(policy, ids, mask, Sampling(9, 0.7, top_p=0.8), [tokenizer.eos_token_id], record=True)
+    keys = row_keys(0, 0, range(len(ids)), ids.device)
+    got = sample(policy, ids, mask, Sampling(9, 0.7, top_p=0.8), [tokenizer.eos_token_id], keys, record=True)
     seq = torch.cat([ids, got.tokens], 1)
     full_mask = torch.cat([mask, torch.ones_like(got.tokens)], 1)
     logits = response_logits(policy, seq, full_mask, ids.shape[1], 0.7, tokenizer.eos_token_id)
-    torch.testing.assert_close(got.logprobs, logprobs_from_logits(logits, got.tokens), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.entropy, entropy_from_logits(logits), atol=1e-5, rtol=1e-5)
+    _, kept = mask_after_eos(got.tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert 0 < kept.sum() < kept.numel()  # some rows stopped early: their later steps are padding
+    kept = kept.bool()
+    for recorded, full in [
+        (got.logprobs, logprobs_from_logits(logits, got.tokens)),
+        (got.entropy, entropy_from_logits(logits)),
+    ]:
+        torch.testing.assert_close(recorded[kept], full[kept], atol=1e-5, rtol=1e-5)
+        assert not recorded[~kept].any()  # after a row's stop: 0
     assert torch.isfinite(got.logprobs).all()  # recorded before top-p, as the update computes them
-    assert got.hidden.shape == (*got.tokens.shape, policy.config.n_embd)
+    assert got.hidden.shape == (*got.tokens.shape, policy.config.n_embd) and not got.hidden[~kept].any()
 
 
 @pytest.mark.parametrize("critic", [False, True])

@@ -203,6 +203,18 @@ class LeanDecoder:
         hidden = rms_norm(x[:, -1], self.body.norm)
         return self.head(hidden), hidden
 
+    @property
+    def can_keep_rows(self) -> bool:
+        """Whether :meth:`keep_rows` may shrink the batch: on the CPU, stepping eagerly (a compiled step or a CUDA
+        graph has the batch size built in)."""
+        return self.allowed.device.type == "cpu" and self.graphed is None and self.one_token is one_token
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Go on with the batch rows ``rows`` (indices into the current batch) only: their cache, nothing else."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.allowed = self.allowed.index_select(0, rows)
+
     def next_token(self, ids: torch.Tensor, positions: torch.Tensor, start: int):
         """:func:`one_token` at cache slot ``start``, compiled, graphed or neither; where the compiler or the graph
         capture fails, a warning and this decoder steps eagerly from then on (the step only writes slot ``start``, so
