@@ -11,8 +11,8 @@ in float32 or bf16 autocast the linear layers of other models run from oneDNN-pa
 elsewhere each step is the model's own ``transformers`` forward (:class:`TransformersSteps`). On a GPU the loop asks
 whether every row has stopped only every :data:`STOP_CHECK_EVERY` steps, since each asking waits for the card. On the
 CPU the LeanDecoder (stepping eagerly) drops the rows that have stopped from its batch as they go, a quarter or more
-at a time, so responses of varied length cost the steps of the rows still going (SmolLM2, 16 rows stopping after 1 to
-64 tokens: 3.2 s against 4.1 s).
+at a time, so responses of varied length cost the steps of the rows still going (SmolLM2, 16 responses of 2 to 64
+tokens: 3.1 s against 4.2 s, ``benchmarks/stopped_rows.py``).
 
 Each row draws its tokens by inverting the softmax's cumulative distribution at one uniform number that is a hash of
 ``(row key, step)``: the token whose interval of the cumulative sum (float64) holds ``u`` times the total. A row's
