@@ -249,11 +249,11 @@ def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[st
         logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
     for step in range(sampling.max_new_tokens):
         banned = stop_ids if step < sampling.min_new_tokens else None
-        token, logp, entropy = decode_step(logits, sampling, _rows(keys, live), step, banned, record)
-        token = _every_row(token, live, done, stops[0])
+        drawn, logp, entropy = decode_step(logits, sampling, _rows(keys, live), step, banned, record)
+        token = _every_row(drawn, live, done, stops[0])
         steps["tokens"].append(token)
         if record:
-            steps["logprobs"].append(_every_row(logp.gather(-1, _rows(token, live)[:, None])[:, 0], live, done))
+            steps["logprobs"].append(_every_row(logp.gather(-1, drawn[:, None])[:, 0], live, done))
             steps["entropy"].append(_every_row(entropy, live, done))
             steps["hidden"].append(_every_row(hidden, live, done))
         done |= torch.isin(token, stop_ids)

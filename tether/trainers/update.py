@@ -71,8 +71,9 @@ class PPOUpdate:
         if lr is not None:
             set_lr(self.optimizer, lr)
         sums, weights, finite = defaultdict(float), defaultdict(float), True
+        micro_batches = list(self.micro_batches(mb))  # once for both passes: the masks are read back once
         for part in ("policy", "critic") if self.split_update else (None,):
-            part_sums, part_weights = self.accumulate(mb, num_tokens, part)
+            part_sums, part_weights = self.accumulate(micro_batches, num_tokens, part)
             norms = self.clip_gradients()
             losses = [v for k, v in part_sums.items() if k.startswith("loss/")]
             if all(math.isfinite(v) for v in [*losses, *norms.values()]):
@@ -91,12 +92,12 @@ class PPOUpdate:
             weights["loss/total"] = weights["loss/policy"]
         return {k: (sums[k], weights[k]) for k in sums}, lr
 
-    def accumulate(self, mb: Rollout, num_tokens, part: str | None) -> tuple[dict, dict]:
-        """This process's micro-batches of ``mb`` (:meth:`micro_batches`) forward and backward for ``part``
+    def accumulate(self, micro_batches: list, num_tokens, part: str | None) -> tuple[dict, dict]:
+        """This process's ``(micro-batch, is_last)`` pairs (:meth:`micro_batches`) forward and backward for ``part``
         (:meth:`micro_step`), the gradients accumulated: their statistics' (sums, weights) over every process."""
         sums, weights = defaultdict(float), defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
-        for micro, last in self.micro_batches(mb):
+        for micro, last in micro_batches:
             n = micro.response_mask.sum()
             with distributed.gradient_sync(self.model, last):  # DDP syncs gradients on the last micro-batch only
                 micro_stats = self.micro_step(micro, num_tokens, part)
