@@ -16,12 +16,13 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers import cache_utils
 
 from tether import prepack
 from tether.decoding import LeanDecoder, lean_decoder
 from tether.models import model_inputs
 from tether import sampling
-from tether.sampling import Sampling, row_keys, sample
+from tether.sampling import Sampling, TransformersSteps, row_keys, sample
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this PyTorch has no oneDNN packed linear")
 needs_compile = pytest.mark.skipif(not prepack.compilable(), reason="this PyTorch cannot compile the packed linear")
@@ -32,11 +33,15 @@ FAMILIES = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=True)),  # q, k, v with biases
 }
+OTHERS = {  # decoded through transformers' own forward (TransformersSteps)
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=200, n_embd=96, n_layer=2, n_head=6, n_positions=128)),
+    "mistral-window": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4)),
+}
 
 
 def build(family: str):
     torch.manual_seed(0)
-    model = FAMILIES[family]().eval()
+    model = {**FAMILIES, **OTHERS}[family]().eval()
     with torch.no_grad():  # non-zero biases and norm weights, so a mix-up of them shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -304,19 +309,42 @@ def test_a_compiled_sampler_compiles_once_per_length_bucket_and_falls_back_when_
     torch.testing.assert_close(fallen.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)  # a longer cache: rounding
 
 
-def test_rows_that_stopped_leave_the_batch_and_the_others_sample_the_same(monkeypatch):
+def test_a_cache_with_more_than_keys_and_values_keeps_every_row():
+    """transformers' forward drops rows only where every cache layer is keys and values, which a row selection
+    follows: a layer with recurrent state (a hybrid model's) keeps the whole batch."""
+    steps = TransformersSteps(build("gpt2"))
+    ids = torch.randint(3, 200, (4, 5))
+    inputs = model_inputs(ids, torch.ones_like(ids), 3)
+    with torch.no_grad():
+        steps.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
+    assert steps.can_keep_rows
+    if not hasattr(cache_utils, "LinearAttentionAndFullAttentionLayer"):
+        pytest.skip("this transformers has no linear-attention cache layer")
+    steps.cache.layers[1] = cache_utils.LinearAttentionAndFullAttentionLayer()
+    assert not steps.can_keep_rows
+
+
+@pytest.mark.parametrize(
+    "family, decoder",
+    [
+        ("llama", LeanDecoder),
+        ("gpt2", TransformersSteps),  # transformers' own forward and cache
+        ("mistral-window", TransformersSteps),  # a sliding-window cache (4 tokens), shorter than the responses
+    ],
+)
+def test_rows_that_stopped_leave_the_batch_and_the_others_sample_the_same(monkeypatch, family, decoder):
     """On the CPU the eager decoder drops the rows that have stopped once a quarter of its rows have (a step costs
     less with fewer rows): the other rows draw the tokens, and record the log-probs, entropies and hidden states, that
     decoding every row to the end gives."""
-    model = build("llama")
+    model = build(family)
     torch.manual_seed(1)
     ids = torch.randint(3, 200, (8, 5))
     keys = row_keys(3, 0, range(8))
     stops = list(range(3, 33))  # a sixth of the vocabulary: rows stop after different numbers of steps
-    kept, keep_rows = [], LeanDecoder.keep_rows
-    monkeypatch.setattr(LeanDecoder, "keep_rows", lambda self, rows: (kept.append(len(rows)), keep_rows(self, rows)))
+    kept, keep_rows = [], decoder.keep_rows
+    monkeypatch.setattr(decoder, "keep_rows", lambda self, rows: (kept.append(len(rows)), keep_rows(self, rows)))
     dropping = sample(model, ids, torch.ones_like(ids), Sampling(16), stops, keys, record=True)
-    monkeypatch.setattr(LeanDecoder, "can_keep_rows", False)
+    monkeypatch.setattr(decoder, "can_keep_rows", False)
     whole = sample(model, ids, torch.ones_like(ids), Sampling(16), stops, keys, record=True)
     lengths = torch.isin(whole.tokens, torch.tensor(stops)).int().argmax(1)
     assert len(set(lengths.tolist())) > 3  # the rows stopped at different steps

@@ -10,9 +10,10 @@ policy's forward pass over the rollout. With ``fast_decoding`` Llama-family mode
 in float32 or bf16 autocast the linear layers of other models run from oneDNN-packed weights (:mod:`tether.prepack`);
 elsewhere each step is the model's own ``transformers`` forward (:class:`TransformersSteps`). On a GPU the loop asks
 whether every row has stopped only every :data:`STOP_CHECK_EVERY` steps, since each asking waits for the card. On the
-CPU the LeanDecoder (stepping eagerly) drops the rows that have stopped from its batch as they go, a quarter or more
-at a time, so responses of varied length cost the steps of the rows still going (SmolLM2, 16 responses of 2 to 64
-tokens: 3.1 s against 4.2 s, ``benchmarks/stopped_rows.py``).
+CPU the decoder (a LeanDecoder stepping eagerly, or a model's own forward whose cache is keys and values only) drops
+the rows that have stopped from its batch as they go, a quarter or more at a time, so responses of varied length cost
+the steps of the rows still going (SmolLM2, 16 responses of 2 to 64 tokens: 3.1 s against 4.2 s; the tiny GPT-2, 64
+responses of 1 to 64: 0.39 s against 0.72 s; ``benchmarks/stopped_rows.py``).
 
 Each row draws its tokens by inverting the softmax's cumulative distribution at one uniform number that is a hash of
 ``(row key, step)``: the token whose interval of the cumulative sum (float64) holds ``u`` times the total. A row's
@@ -33,6 +34,13 @@ import torch
 from tether.decoding import lean_decoder
 from tether.models import model_inputs, trunk
 from tether.prepack import compute_dtype, prepacked_linears
+
+try:  # the cache layers whose rows TransformersSteps.keep_rows may select (transformers 4.56 on)
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    SELECTABLE_LAYERS: tuple[type, ...] = (DynamicLayer, DynamicSlidingWindowLayer)
+except ImportError:
+    SELECTABLE_LAYERS = ()
 
 MASK64 = (1 << 64) - 1
 STOP_CHECK_EVERY = 8  # decoding steps between two checks for stopped rows on a GPU (every step on a CPU)
@@ -176,6 +184,22 @@ class TransformersSteps:
         self.cache, hidden = out[self.cache_name], out.last_hidden_state[:, -1]
         return self.model.get_output_embeddings()(hidden), hidden
 
+    @property
+    def can_keep_rows(self) -> bool:
+        """Whether :meth:`keep_rows` may shrink the batch: on the CPU, with a cache whose every layer holds keys and
+        values only (a layer with recurrent or static state is not known to follow a row selection)."""
+        layers = getattr(self.cache, "layers", None)
+        return (
+            self.attention.device.type == "cpu"
+            and bool(layers)
+            and all(type(layer) in SELECTABLE_LAYERS for layer in layers)
+        )
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Go on with the batch rows ``rows`` (indices into the current batch) only: their cache and attention mask."""
+        self.cache.batch_select_indices(rows)
+        self.attention = self.attention.index_select(0, rows)
+
 
 @dataclass
 class Sampled:
@@ -235,9 +259,9 @@ def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[st
     """The decoding loop of :func:`sample` on a LeanDecoder or TransformersSteps: each step's token (and, ``record``,
     what the policy said of it), up to the step at which every row had stopped.
 
-    A decoder that can drop rows (:meth:`LeanDecoder.keep_rows`, eager on the CPU) decodes only the rows still going
-    once a quarter of its batch has stopped: a step's cost falls with its rows (SmolLM2 on 2 cores: 68 ms for 16
-    rows, 53 for 8). A stopped row's later steps are its first stop id, with log-prob, entropy and hidden state 0
+    A decoder that can drop rows (``keep_rows``; ``can_keep_rows`` says when: on the CPU) decodes only the rows still
+    going once a quarter of its batch has stopped: a step's cost falls with its rows (SmolLM2 on 2 cores: 68 ms for
+    16 rows, 53 for 8). A stopped row's later steps are its first stop id, with log-prob, entropy and hidden state 0
     (padding, which the rollout masks)."""
     stop_ids = torch.tensor(stops, device=keys.device)
     position = inputs["position_ids"][:, -1:]
