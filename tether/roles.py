@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.config import RunConfig
-from tether.errors import TetherError
+from tether.errors import TetherError, first_line
 from tether.models import (
     ActorCritic,
     enable_gradient_checkpointing,
@@ -19,7 +19,7 @@ from tether.models import (
     reference_copy,
 )
 from tether.precision import Placement
-from tether.rewards import FunctionScorer, RewardModelScorer, load_reward_function, step_token
+from tether.rewards import FunctionScorer, RewardModelScorer, load_callable, load_reward_function, step_token
 from tether.sources import resolve
 
 FUNCTION_SPEC = re.compile(r"[\w./\\-]+:[A-Za-z_]\w*")  # module:function or path/to/file.py:function
@@ -90,3 +90,29 @@ def load_scorer(spec: str, tokenizer, placement: Placement, trust_remote_code: b
         rm_tokenizer = None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer
     step_id = step_token(tokenizer, step_marker) if step_marker else None
     return RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement, step_id=step_id)
+
+
+def load_sampler(spec: str):
+    """The sampler ``sampling.sampler`` names (``module:Class`` or ``file.py:Class``), built once with no arguments;
+    None for an empty spec (tether's own). Its errors, in building and in drawing, are one line naming it."""
+    if not spec:
+        return None
+    factory = load_callable(spec, "sampling.sampler", "Class")
+    try:
+        engine = factory()
+    except Exception as e:  # the user's code: any error becomes one line naming it
+        raise TetherError(
+            f"sampling.sampler '{spec}': creating it raised {type(e).__name__}: {first_line(e)}"
+        ) from None
+    if not callable(engine):
+        raise TetherError(f"sampling.sampler '{spec}': {type(engine).__name__} is not callable like tether's sample()")
+
+    def draw(*args):
+        try:
+            return engine(*args)
+        except TetherError:
+            raise
+        except Exception as e:
+            raise TetherError(f"sampling.sampler '{spec}': it raised {type(e).__name__}: {first_line(e)}") from None
+
+    return draw

@@ -17,7 +17,8 @@ from contextlib import nullcontext
 import torch
 from tether.algo import logprobs_and_entropy, logprobs_from_logits
 from tether.models import ActorCritic, gather_ids, response_logits
-from tether.sampling import Sampled, Sampling, sample
+from tether.errors import TetherError
+from tether.sampling import Sampled, Sampler, Sampling, sample
 from tether.types import Rollout, length_groups
 
 __all__ = ["Sampling", "build_rollout", "collect_rollout", "generate", "mask_after_eos", "stop_ids"]
@@ -55,16 +56,35 @@ def generate(
     pad_id: int,
     autocast=nullcontext,
     keys: torch.Tensor | None = None,
+    sampler: Sampler = sample,
 ):
     """Sample one response per prompt. Returns (response_ids, response_mask), both (B, T), right-padded.
 
     ``eos_id`` is one stop token or a list of them (:func:`stop_ids`; the first is also the fill id). The response
     keeps its stop token (and ``response_mask`` covers it); tokens after it become ``pad_id``. Sampling runs in the
-    ``autocast()`` context; ``keys`` are the rows' noise keys (:func:`tether.sampling.row_keys`).
+    ``autocast()`` context; ``keys`` are the rows' noise keys (:func:`tether.sampling.row_keys`); ``sampler`` draws.
     """
     stops = as_stop_list(eos_id)
-    sampled = sample(policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast)
-    return mask_after_eos(sampled.tokens, stops, pad_id)
+    sampled = sampler(policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast, False)
+    return mask_after_eos(checked(sampled, prompt_ids, sampling).tokens, stops, pad_id)
+
+
+def checked(sampled, prompt_ids: torch.Tensor, sampling: Sampling) -> Sampled:
+    """What a sampler returned, if it is a Sampled with one row of at most ``max_new_tokens`` token ids per prompt,
+    on the prompts' device."""
+    tokens = getattr(sampled, "tokens", None)
+    rows, limit = len(prompt_ids), sampling.max_new_tokens
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or len(tokens) != rows or tokens.shape[1] > limit:
+        got = f"tokens of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(sampled).__name__
+        raise TetherError(
+            f"sampler: expected a Sampled with ({rows}, T <= {limit}) tokens (one row per prompt); got {got}"
+        )
+    if tokens.dtype != torch.long or tokens.device != prompt_ids.device:
+        raise TetherError(
+            f"sampler: tokens must be int64 on {prompt_ids.device} (the prompts' device); got {tokens.dtype} on "
+            f"{tokens.device}"
+        )
+    return sampled
 
 
 def is_stop(ids: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
@@ -150,6 +170,7 @@ def collect_rollout(
     keys: torch.Tensor | None = None,
     clock: dict | None = None,
     scoring=lambda role: nullcontext(),
+    sampler: Sampler = sample,
 ) -> Rollout:
     """Sample responses and fill a Rollout with old/reference log-probs, values and raw scores.
 
@@ -160,12 +181,14 @@ def collect_rollout(
     (``tether.rewards``' scorers) is asked for ``(raw_scores, step_scores)`` instead. ``clock``, when given, receives
     the seconds spent sampling (``time/sample``) and scoring (``time/score``: the scorer and the other passes).
     ``scoring(role)`` is the context the reward model's (``"reward"``) and then the other passes (``"reference"``)
-    run in: ``model.offload_frozen`` brings that frozen role back there, one at a time.
+    run in: ``model.offload_frozen`` brings that frozen role back there, one at a time. ``sampler`` draws the
+    responses (:class:`tether.sampling.Sampler`); what it did not record, the policy's forward pass computes.
     """
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     stops = stops or [eos_id]
     start = time.perf_counter()
-    sampled = sample(actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast, record=True)
+    sampled = sampler(actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast, True)
+    sampled = checked(sampled, prompt_ids, sampling)
     response_ids, response_mask = mask_after_eos(sampled.tokens, stops, pad_id)
     sampled_at = finished_at(prompt_ids.device)
     scored = (prompt_ids, prompt_mask, response_ids, response_mask)
@@ -190,7 +213,7 @@ def collect_rollout(
             autocast,
             stops,
             step_scores=step_scores,
-            sampled=sampled,
+            sampled=sampled if sampled.recorded else None,
         )
     if clock is not None:
         clock["time/sample"], clock["time/score"] = sampled_at - start, finished_at(prompt_ids.device) - sampled_at

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -215,6 +216,36 @@ class Sampled:
     logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+
+    @classmethod
+    def of_responses(cls, responses: list[list[int]], fill_id: int, device=None) -> Sampled:
+        """Responses as lists of token ids (an engine's output), each ending at its stop id or at the length limit,
+        as (B, T) ``tokens`` filled with ``fill_id`` after each row's end; nothing recorded."""
+        width = max([1, *map(len, responses)])
+        tokens = torch.full((len(responses), width), fill_id, dtype=torch.long)
+        for row, ids in enumerate(responses):
+            tokens[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        return cls(tokens.to(device))
+
+    @property
+    def recorded(self) -> bool:
+        """Whether it holds the policy's log-probs, entropy and hidden states (then no policy pass recomputes them)."""
+        return self.logprobs is not None and self.entropy is not None and self.hidden is not None
+
+
+class Sampler(Protocol):
+    """What draws a rollout's responses: :func:`sample`, or another engine put in its place (``PPOTrainer.sampler``).
+
+    Called as :func:`sample` is, with (B, P) left-padded prompts on the policy's device; returns a :class:`Sampled`
+    whose ``tokens`` are (B, T), T <= ``sampling.max_new_tokens``, a row that ends before T ending with one of
+    ``stops`` (what follows is padding). It should honour ``sampling`` (temperature, top-p, top-k, lengths) and draw
+    with the policy's current weights. Unless it records all of log-probs, entropy and hidden states the way
+    :func:`sample` does, the policy's forward pass computes them from the tokens, so PPO's ratio starts at 1.
+    """
+
+    def __call__(
+        self, model, prompt_ids, prompt_mask, sampling: Sampling, stops: list[int], keys, autocast, record: bool
+    ) -> Sampled: ...
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tether.config import PPOParams, Stage
+from tether.sections import PPOParams, Stage
 
 
 def stage_at(ppo: PPOParams, stages: list[Stage], iteration: int) -> tuple[int, PPOParams]:

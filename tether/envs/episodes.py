@@ -27,6 +27,7 @@ import torch
 from tether.data import encode_prompt, left_pad
 from tether.errors import TetherError, first_line
 from tether.rollout import Sampling, build_rollout, generate
+from tether.sampling import Sampler, sample
 from tether.types import Rollout
 
 __all__ = ["Episodes", "collect_episodes", "episode_stats", "play_episodes"]
@@ -70,6 +71,7 @@ def play_episodes(
     stops: list[int] | None = None,
     autocast=nullcontext,
     device: torch.device | str = "cpu",
+    sampler: Sampler = sample,
 ) -> Episodes:
     """Play one episode per prompt, prompt i on ``envs[i]``; all running episodes take each turn together.
 
@@ -80,6 +82,7 @@ def play_episodes(
             ``max_prompt_length`` tokens); each environment's ``reset`` gets its prompt as given.
         max_turns: the most turns per episode.
         stops: the tokens that end a turn (default: the tokenizer's EOS); a turn keeps its stop token.
+        sampler: what draws each turn (:class:`tether.sampling.Sampler`).
     """
     if len(envs) < len(prompts):
         raise TetherError(f"ppo.env: {len(prompts)} episodes need as many environments, got {len(envs)}")
@@ -95,7 +98,7 @@ def play_episodes(
             break
         ids, mask = left_pad([rows[i] + episodes.tokens[i] for i in active], tokenizer.pad_token_id)
         turn_ids, turn_mask = generate(
-            policy, ids.to(device), mask.to(device), sampling, stops, tokenizer.pad_token_id, autocast
+            policy, ids.to(device), mask.to(device), sampling, stops, tokenizer.pad_token_id, autocast, sampler=sampler
         )
         still = []
         for row, i in enumerate(active):
@@ -129,12 +132,24 @@ def collect_episodes(
     autocast=nullcontext,
     stops: list[int] | None = None,
     device: torch.device | str = "cpu",
+    sampler: Sampler = sample,
 ) -> Rollout:
-    """Play episodes (:func:`play_episodes`) and fill a Rollout: one sequence per episode, ``response_mask`` 1 on
-    sampled tokens only, ``env_mask`` 1 on replies, each turn's reward on its last token."""
+    """Play episodes (:func:`play_episodes`, each turn drawn by ``sampler``) and fill a Rollout: one sequence per
+    episode, ``response_mask`` 1 on sampled tokens only, ``env_mask`` 1 on replies, each turn's reward on its last
+    token."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     episodes = play_episodes(
-        actor_critic.policy, envs, tokenizer, prompts, sampling, max_turns, max_prompt_length, stops, autocast, device
+        actor_critic.policy,
+        envs,
+        tokenizer,
+        prompts,
+        sampling,
+        max_turns,
+        max_prompt_length,
+        stops,
+        autocast,
+        device,
+        sampler,
     )
     prompt_ids, prompt_mask = left_pad(episodes.prompt_rows, pad_id)
     response_ids = _right_pad(episodes.tokens, pad_id)

@@ -45,8 +45,8 @@ from tether.precision import Placement, peak_memory_gib
 from tether.metrics import rollout_stats
 from tether.rewards import RunningMoments, decode_responses, transform_scores
 from tether.rollout import Sampling, collect_rollout, stop_ids
-from tether.sampling import row_keys
-from tether.roles import load_roles
+from tether.sampling import Sampler, row_keys, sample
+from tether.roles import load_roles, load_sampler
 from tether.stages import stage_at, total_updates
 from tether.trainers.common import Shown, allocate_adam_state, progress, stop_requests, write_summary
 from tether.trainers.rails import SafetyRails
@@ -114,6 +114,8 @@ class PPOTrainer(SafetyRails, PPOUpdate):
             on); the proxy-vs-gold alarm watches it.
         optimizer: over the actor-critic's trainable weights; None: Adam at ``ppo.lr`` (on a CPU its state is made
             here, before any activation).
+        sampler: what draws the responses (:class:`tether.sampling.Sampler`); None: the one ``sampling.sampler``
+            names, or tether's own (:func:`tether.sampling.sample`). Also settable later as ``trainer.sampler``.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         placement: Placement | None = None,
         gold=None,
         optimizer: torch.optim.Optimizer | None = None,
+        sampler: Sampler | None = None,
     ):
         self.config, self.cfg = config, config.ppo
         self.placement = placement or Placement.from_config(config.model)
@@ -149,6 +152,8 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         self.kl_ctl = kl_controller(self.cfg.kl_control, self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
         self.moments = RunningMoments()
         self.sampling = Sampling.from_config(config.sampling)
+        # what draws the responses: tether's sampler, or an engine's client in its place (sampling.sampler)
+        self.sampler: Sampler = sampler or load_sampler(config.sampling.sampler) or sample
         self.micro_batch_size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
         self.iteration = 0
         self.update_index = 0
@@ -191,6 +196,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
                     autocast=self.placement.autocast,
                     stops=self.stops,
                     device=self.device,
+                    sampler=self.sampler,
                 )
         prompt_ids, prompt_mask = prompt_batch(self.tokenizer, prompts, max_prompt_length)  # the same padding on all
         rows = distributed.shard(len(prompts))  # this process's block of the batch
@@ -210,6 +216,7 @@ class PPOTrainer(SafetyRails, PPOUpdate):
                 keys=row_keys(self.config.seed, self.iteration, range(len(prompts))[rows]),
                 clock=clock,
                 scoring=lambda role: present(self.scoring_roles.get(role)),
+                sampler=self.sampler,
             )
         return gather_rollout(rollout, self.tokenizer.pad_token_id)
 
@@ -366,9 +373,16 @@ class PPOTrainer(SafetyRails, PPOUpdate):
         }
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> PPOTrainer:
+    def from_config(cls, config: RunConfig, sampler: Sampler | None = None) -> PPOTrainer:
         """Load policy, reference, value model and reward (model or function) as ``config.model`` names them."""
         roles = load_roles(config)
         return cls(
-            config, roles.actor_critic, roles.reference, roles.tokenizer, roles.scorer, roles.placement, roles.gold
+            config,
+            roles.actor_critic,
+            roles.reference,
+            roles.tokenizer,
+            roles.scorer,
+            roles.placement,
+            roles.gold,
+            sampler=sampler,
         )
