@@ -37,8 +37,11 @@ class GenerateSampler:
             eos_token_id=stops,
             pad_token_id=stops[0],
         )
+        # the padding's id may lie outside the vocabulary (tether's models never embed it): any real id will do under
+        # the mask; an engine would take each row's real tokens, prompt_ids[i][prompt_mask[i] == 1]
+        ids = prompt_ids.masked_fill(prompt_mask == 0, stops[0])
         with torch.no_grad(), autocast():
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+            out = model.generate(input_ids=ids, attention_mask=prompt_mask, generation_config=config)
         responses = [to_first_stop(row, stops) for row in out[:, prompt_ids.shape[1] :].tolist()]
         return Sampled.of_responses(responses, stops[0], prompt_ids.device)
 

@@ -4,6 +4,9 @@ Each family is a tiny model built from its config (2 layers, width 32) with a BP
 pad token: ``load_tokenizer`` adds a separate one and ``model_inputs`` replaces it before embedding.
 """
 
+from contextlib import nullcontext
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, trainers
@@ -36,7 +39,9 @@ from tether.models import (
     response_logits,
     sequence_scores,
 )
+from tether.rewards import load_callable
 from tether.rollout import score_tokens
+from tether.sampling import Sampling
 from tether.trainers.common import save_model
 from tether.trainers.ppo import PPOTrainer
 
@@ -338,3 +343,22 @@ def test_score_tokens_with_pad_id_past_the_last_embedding_row(tmp_path):
         chunk=2,
     )
     assert torch.isfinite(out["logprobs"]).all()
+
+
+def test_the_example_sampler_takes_prompts_padded_past_the_last_embedding_row(tmp_path):
+    """An engine's client gets left-padded prompts whose pad id may have no embedding row: the example
+    (examples/engine_sampler.py) draws from the real tokens only."""
+    tok = bpe_tokenizer()
+    policy_dir, _ = save_family(tmp_path, "llama", tok, len(tok))
+    tok = load_tokenizer(policy_dir)
+    policy = load_causal_lm(policy_dir).eval()
+    vocab = policy.get_output_embeddings().out_features
+    assert tok.pad_token_id >= vocab
+    example = Path(__file__).resolve().parent.parent / "examples" / "engine_sampler.py"
+    sampler = load_callable(f"{example}:GenerateSampler", "the example", "Class")()
+    rows = [tok("12+34*5-6=")["input_ids"], tok("3")["input_ids"]]
+    prompt_ids, prompt_mask = left_pad(rows, tok.pad_token_id)
+    assert (prompt_ids == tok.pad_token_id).any()
+    sampled = sampler(policy, prompt_ids, prompt_mask, Sampling(4), [tok.eos_token_id], None, nullcontext, True)
+    assert sampled.tokens.shape[0] == 2 and 1 <= sampled.tokens.shape[1] <= 4
+    assert ((sampled.tokens >= 0) & (sampled.tokens < vocab)).all()

@@ -236,9 +236,10 @@ class Sampled:
 class Sampler(Protocol):
     """What draws a rollout's responses: :func:`sample`, or another engine put in its place (``PPOTrainer.sampler``).
 
-    Called as :func:`sample` is, with (B, P) left-padded prompts on the policy's device; returns a :class:`Sampled`
-    whose ``tokens`` are (B, T), T <= ``sampling.max_new_tokens``, a row that ends before T ending with one of
-    ``stops`` (what follows is padding). It should honour ``sampling`` (temperature, top-p, top-k, lengths) and draw
+    Called as :func:`sample` is, with (B, P) left-padded prompts on the policy's device (``prompt_mask`` is 1 on real
+    tokens; the padding's id may lie outside the vocabulary); returns a :class:`Sampled` whose ``tokens`` are (B, T),
+    T <= ``sampling.max_new_tokens``, a row that ends before T ending with one of ``stops`` (what follows is
+    padding). It should honour ``sampling`` (temperature, top-p, top-k, lengths) and draw
     with the policy's current weights. Unless it records all of log-probs, entropy and hidden states the way
     :func:`sample` does, the policy's forward pass computes them from the tokens, so PPO's ratio starts at 1.
     """
