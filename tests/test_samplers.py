@@ -118,6 +118,11 @@ def test_episodes_take_their_turns_from_the_plugged_in_sampler(policy_dir, token
         (lambda ids: Sampled(torch.zeros(len(ids), 9, dtype=torch.long)), r"got tokens of shape \(8, 9\)"),
         (lambda ids: [[1, 2]] * len(ids), "got list"),
         (lambda ids: Sampled(torch.zeros(len(ids), 3)), "tokens must be int64 on cpu.*got torch.float32"),
+        (
+            lambda ids: Sampled(torch.full((len(ids), 3), 50_000)),
+            r"token ids must be in \[0, \d+\) \(the policy's vocab",
+        ),
+        (lambda ids: Sampled(torch.full((len(ids), 3), -1)), r"got ids from -1 to -1"),
     ],
 )
 def test_a_sampler_that_returns_the_wrong_thing_is_named(tiny_ppo_args, tmp_path, returned, message):

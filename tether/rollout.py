@@ -66,12 +66,14 @@ def generate(
     """
     stops = as_stop_list(eos_id)
     sampled = sampler(policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast, False)
-    return mask_after_eos(checked(sampled, prompt_ids, sampling).tokens, stops, pad_id)
+    sampled = checked(sampled, prompt_ids, sampling, None if sampler is sample else policy)
+    return mask_after_eos(sampled.tokens, stops, pad_id)
 
 
-def checked(sampled, prompt_ids: torch.Tensor, sampling: Sampling) -> Sampled:
+def checked(sampled, prompt_ids: torch.Tensor, sampling: Sampling, policy=None) -> Sampled:
     """What a sampler returned, if it is a Sampled with one row of at most ``max_new_tokens`` token ids per prompt,
-    on the prompts' device."""
+    on the prompts' device (and, given the ``policy``, ids in its vocabulary: another sampler's tokenizer may not be
+    the policy's)."""
     tokens = getattr(sampled, "tokens", None)
     rows, limit = len(prompt_ids), sampling.max_new_tokens
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or len(tokens) != rows or tokens.shape[1] > limit:
@@ -83,6 +85,12 @@ def checked(sampled, prompt_ids: torch.Tensor, sampling: Sampling) -> Sampled:
         raise TetherError(
             f"sampler: tokens must be int64 on {prompt_ids.device} (the prompts' device); got {tokens.dtype} on "
             f"{tokens.device}"
+        )
+    vocab = getattr(policy.get_output_embeddings(), "out_features", None) if policy is not None else None
+    if vocab is not None and tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:
+        raise TetherError(
+            f"sampler: token ids must be in [0, {vocab}) (the policy's vocabulary); got ids from {int(tokens.min())} "
+            f"to {int(tokens.max())}"
         )
     return sampled
 
@@ -188,7 +196,7 @@ def collect_rollout(
     stops = stops or [eos_id]
     start = time.perf_counter()
     sampled = sampler(actor_critic.policy, prompt_ids, prompt_mask, sampling, stops, keys, autocast, True)
-    sampled = checked(sampled, prompt_ids, sampling)
+    sampled = checked(sampled, prompt_ids, sampling, None if sampler is sample else actor_critic.policy)
     response_ids, response_mask = mask_after_eos(sampled.tokens, stops, pad_id)
     sampled_at = finished_at(prompt_ids.device)
     scored = (prompt_ids, prompt_mask, response_ids, response_mask)
