@@ -6,6 +6,7 @@ weights (max abs gap < 1e-4); a checkpoint of either resumes in the other.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -332,3 +333,25 @@ def test_ppo_fsdp_with_lora_matches_one_process(ppo_runs):
     assert_same_training(root / "lora_fsdp", root / "lora_one")  # the merged model
     assert_same_training(root / "lora_fsdp", root / "lora_one", "checkpoints/step_000002/trainable.safetensors")
     assert_same_training(root / "lora_fsdp", root / "lora_one", "checkpoints/step_000002/policy/model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy, sampler",
+    [
+        ("ddp", "tests/test_samplers.py:Fives"),  # every row token 5 and a stop: length 2 on every row
+        ("fsdp", "examples/engine_sampler.py:GenerateSampler"),  # generate on the policy FSDP gathered
+    ],
+)
+def test_another_sampler_draws_each_process_rows(ppo_runs, strategy, sampler):
+    """Under torchrun each process builds the sampler ``sampling.sampler`` names and draws its own rows with it, and
+    the run trains as usual."""
+    root, args, _ = ppo_runs
+    run_dir = root / f"sampler-{strategy}"
+    spec = Path(__file__).resolve().parent.parent / sampler
+    torchrun(*args(run_dir, 2), f"distributed.strategy={strategy}", f"sampling.sampler={spec}")
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss/total"]) for r in rows)
+    lengths = [r["response/length"] for r in rows]
+    assert lengths == [2.0, 2.0] if "Fives" in sampler else all(1 <= n <= 8 for n in lengths)
