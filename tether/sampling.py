@@ -239,9 +239,9 @@ class Sampler(Protocol):
     Called as :func:`sample` is, with (B, P) left-padded prompts on the policy's device (``prompt_mask`` is 1 on real
     tokens; the padding's id may lie outside the vocabulary); returns a :class:`Sampled` whose ``tokens`` are (B, T),
     T <= ``sampling.max_new_tokens``, a row that ends before T ending with one of ``stops`` (what follows is
-    padding). It should honour ``sampling`` (temperature, top-p, top-k, lengths) and draw
-    with the policy's current weights. Unless it records all of log-probs, entropy and hidden states the way
-    :func:`sample` does, the policy's forward pass computes them from the tokens, so PPO's ratio starts at 1.
+    padding). It should honour ``sampling`` (temperature, top-p, top-k, lengths) and draw with the policy's current
+    weights. Unless it records all of log-probs, entropy and hidden states the way :func:`sample` does, the policy's
+    forward pass computes them from the tokens, so PPO's ratio starts at 1.
     """
 
     def __call__(
@@ -303,6 +303,7 @@ def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[st
     steps: dict[str, list[torch.Tensor]] = {"tokens": [], "logprobs": [], "entropy": [], "hidden": []}
     with autocast():
         logits, hidden = decoder.forward(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"])
+    droppable = getattr(decoder, "can_keep_rows", False)  # asked once, after the prompt (its cache now exists)
     for step in range(sampling.max_new_tokens):
         banned = stop_ids if step < sampling.min_new_tokens else None
         drawn, logp, entropy = decode_step(logits, sampling, _rows(keys, live), step, banned, record)
@@ -317,7 +318,7 @@ def _decode(decoder, inputs, sampling, stops, keys, autocast, record) -> dict[st
         if step + 1 == sampling.max_new_tokens or ((step + 1) % every == 0 and bool(finished[-1])):
             break
         position = position + 1
-        if getattr(decoder, "can_keep_rows", False):
+        if droppable:
             live, position = _drop_stopped(decoder, live, position, done)
         with autocast():
             logits, hidden = decoder.forward(_rows(token, live)[:, None], position)
