@@ -221,25 +221,31 @@ def test_separate_critic_from_the_reward_model(tiny_ppo_args, tmp_path, device):
     assert torch.equal(trainer.scorer.model.score.weight, rm_head)
 
 
-def test_a_separate_critic_updated_after_the_policy_gives_the_weights_of_one_step(
-    tiny_ppo_args, tmp_path, device, monkeypatch
+@pytest.mark.parametrize("mode", ["in turn", "side by side"])
+def test_a_separate_critic_updated_on_its_own_gives_the_weights_of_one_step(
+    tiny_ppo_args, tmp_path, device, monkeypatch, mode
 ):
-    """On one process the critic's pass runs after the policy's step, whose gradients are freed first: the weights
-    and statistics are those of one backward of pg_loss + vf_coef * vf_loss and one step, each model clipped on its
-    own (both clipped here), over two micro-batches."""
+    """On one process the critic's pass runs on its own: after the policy's step, whose gradients are freed first
+    (in turn), or at the same time on a second thread (side by side, ``model.parallel_critic``). Either way the
+    weights and statistics are those of one backward of pg_loss + vf_coef * vf_loss and one step, each model
+    clipped on its own (both clipped here), over two micro-batches."""
     import copy
+    import threading
 
     overrides = ("model.value_model=separate", "ppo.vf_coef=0.3", "ppo.max_grad_norm=0.01", "ppo.micro_batch_size=2")
-    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, *overrides, device=device))
-    assert trainer.split_update
+    parallel = str(mode == "side by side").lower()
+    trainer = PPOTrainer.from_config(
+        ppo_config(tiny_ppo_args, tmp_path, *overrides, f"model.parallel_critic={parallel}", device=device)
+    )
+    assert trainer.split_update and trainer.parallel_critic == (mode == "side by side")
     ac = trainer.actor_critic
     rollout = trainer.compute_advantages(trainer.compute_rewards(trainer.rollout(PROMPTS[:4])))
     start = copy.deepcopy((ac.state_dict(), trainer.optimizer.state_dict(), trainer.update_index))
-    seen = []  # whether the policy held gradients when the critic's were made
+    seen = []  # (the thread, whether the policy held gradients) when the critic's gradients were made
     hook = next(ac.critic.parameters()).register_post_accumulate_grad_hook(
-        lambda p: seen.append(any(q.grad is not None for q in ac.policy.parameters()))
+        lambda p: seen.append((threading.current_thread(), any(q.grad is not None for q in ac.policy.parameters())))
     )
-    weights, stats = {}, {}
+    weights, stats, threads = {}, {}, torch.get_num_threads()
     for split in (True, False):
         monkeypatch.setattr(PPOTrainer, "split_update", property(lambda self, split=split: split))
         ac.load_state_dict(start[0])
@@ -249,13 +255,55 @@ def test_a_separate_critic_updated_after_the_policy_gives_the_weights_of_one_ste
         done, _ = trainer.minibatch_step(rollout)
         stats[split] = {k: total / weight for k, (total, weight) in done.items()}
         weights[split] = snapshot(ac)
-        assert len(seen) == 2 and (not any(seen) if split else seen[-1])
+        assert len(seen) == 2 and torch.get_num_threads() == threads
+        if not split:  # one backward of both losses: the policy's gradients exist before the critic's last one
+            assert seen[-1][1] and all(thread is threading.main_thread() for thread, _ in seen)
+        elif mode == "in turn":
+            assert not any(held for _, held in seen) and all(t is threading.main_thread() for t, _ in seen)
+        else:
+            assert all(thread is not threading.main_thread() for thread, _ in seen)
     hook.remove()
     assert stats[True]["ppo/grad_norm"] > 0.01 and stats[True]["ppo/critic_grad_norm"] > 0.01
     assert stats[True] == pytest.approx(stats[False], rel=1e-5, abs=1e-7)
     assert changed(start[0], ac) and weights[True].keys() == weights[False].keys()
     for name, value in weights[True].items():
         torch.testing.assert_close(value, weights[False][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("bad", ["policy", "critic"])
+def test_side_by_side_passes_apply_only_the_finite_one(tiny_ppo_args, tmp_path, bad):
+    """With the passes side by side, a pass whose gradient is not finite leaves its model as it was, the other
+    model takes its step, and the minibatch counts as skipped."""
+    overrides = ("model.value_model=separate", "model.parallel_critic=true")
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, *overrides))
+    ac = trainer.actor_critic
+    rollout = trainer.compute_advantages(trainer.compute_rewards(trainer.rollout(PROMPTS[:4])))
+    real, key = trainer.clip_gradients, {"policy": "ppo/grad_norm", "critic": "ppo/critic_grad_norm"}[bad]
+    trainer.clip_gradients = lambda: real() | {key: float("nan")}
+    before = {"policy": snapshot(ac.policy), "critic": snapshot(ac.critic)}
+    done, _ = trainer.minibatch_step(rollout)
+    assert done is None and trainer.guards.bad_steps == 1
+    assert not changed(before[bad], getattr(ac, bad))
+    good = "critic" if bad == "policy" else "policy"
+    assert changed(before[good], getattr(ac, good))
+    assert all(p.grad is None for p in ac.parameters())
+
+
+def test_parallel_critic_auto_is_on_for_small_models_on_a_cpu_with_two_threads(tiny_ppo_args, tmp_path, monkeypatch):
+    from tether.trainers import update
+
+    trainer = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path, "model.value_model=separate"))
+    assert trainer.config.model.parallel_critic is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert trainer.parallel_critic
+    critic_size = sum(p.numel() for p in trainer.actor_critic.critic.parameters())
+    monkeypatch.setattr(update, "PARALLEL_BELOW", critic_size)
+    assert not trainer.parallel_critic  # a critic this size keeps the passes in turn
+    monkeypatch.setattr(update, "PARALLEL_BELOW", critic_size + 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not trainer.parallel_critic
+    head = PPOTrainer.from_config(ppo_config(tiny_ppo_args, tmp_path / "head", "model.parallel_critic=true"))
+    assert not head.split_update and not head.parallel_critic  # a value head has no second pass
 
 
 def test_compiled_update_gives_the_eager_numbers(tiny_ppo_args, tmp_path, device):

@@ -49,6 +49,8 @@ class ModelConfig:
     """Reference and reward model off the device except while a rollout is scored (GPU: to CPU; CPU: to a file)."""
     compile: bool = False
     """torch.compile the trained models' forward for PPO's update (one process; the first updates pay the compile)."""
+    parallel_critic: bool | None = None
+    """A separate critic's update pass beside the policy's, a CPU core each; None: auto (CPU, under 50M parameters)."""
     cpu_memory: Literal["reuse", "release"] = "reuse"
     """On a CPU (Linux): 'reuse' keeps freed memory for the next step (faster, ~10% more resident); 'release' frees."""
 

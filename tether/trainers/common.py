@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 from typing import NamedTuple
 
@@ -219,6 +220,34 @@ def stop_requests():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_side_thread: futures.ThreadPoolExecutor | None = None
+
+
+def side_by_side(first, second) -> tuple:
+    """``first()`` on this thread and ``second()`` on a worker thread at the same time, each with one intra-op
+    thread (torch's thread count is restored after): two independent pieces of work, one per CPU core. Returns
+    both results; an exception from either is raised once both have finished."""
+    global _side_thread
+    if _side_thread is None:
+        _side_thread = futures.ThreadPoolExecutor(1, thread_name_prefix="tether-side")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        other = _side_thread.submit(_on_one_thread, second)
+        try:
+            mine = first()
+        finally:
+            futures.wait([other])
+        return mine, other.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _on_one_thread(fn):
+    torch.set_num_threads(1)  # the count is this thread's own where OpenMP keeps one per thread
+    return fn()
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:
