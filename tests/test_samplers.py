@@ -189,3 +189,21 @@ def test_the_command_line_names_a_missing_sampler_file_in_one_line(tiny_ppo_args
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines()[-1].endswith(f"no such file '{tmp_path / 'engine.py'}'")
     assert "Traceback" not in run.stderr
+
+
+def test_tether_sample_draws_from_the_named_sampler(policy_dir, tokenizer):
+    def sample(spec):
+        return subprocess.run(
+            [sys.executable, "-m", "tether.cli", "sample", str(policy_dir), "1+1=", "2*3=", "--sampler", spec],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    run = sample(f"{__file__}:Fives")
+    assert run.returncode == 0, run.stderr
+    answers = [line for line in run.stdout.splitlines() if line.startswith("answer:")]
+    assert answers == [f"answer: {tokenizer.decode([5]).strip()}"] * 2
+    run = sample(f"{__file__}:Raises")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"tether: --sampler '{__file__}:Raises': it raised ConnectionError: engine at localhost:8000 refused the connection"
+    )

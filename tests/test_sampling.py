@@ -205,3 +205,20 @@ def test_prepacked_and_plain_decoding_agree(policy_dir, tokenizer):
     assert torch.equal(packed.tokens, plain.tokens)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(packed.hidden, plain.hidden, atol=1e-6, rtol=1e-6)
+
+
+def test_the_two_level_draw_is_the_one_running_sum_inverted():
+    """The blocked sum picks the token a single float64 running sum over the whole vocabulary picks, with zero
+    weights (filtered or banned ids) in and across blocks, and a vocabulary that is not a multiple of the block."""
+    gen = torch.Generator().manual_seed(0)
+    weights = (torch.randn(500, 5003, generator=gen) * 3).softmax(-1)
+    weights[:, 100:700] = 0  # whole blocks of zeros and parts of others
+    weights[:, -3:] = 0
+    keys = row_keys(3, 0, range(500))
+    for step in range(10):
+        running = torch.cumsum(weights, -1, dtype=torch.float64)
+        target = uniform_noise(keys, step) * running[:, -1]
+        expected = torch.searchsorted(running, target[:, None])[:, 0]
+        for block in (256, 64, 7):
+            assert torch.equal(draw(weights, keys, step, block), expected)
+    assert not ((expected >= 100) & (expected < 700)).any() and (expected < 5000).all()

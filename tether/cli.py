@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--sampler", default="", help="another sampler in tether's place: module:Class or file.py:Class")
     p.add_argument(
         "--no-chat-template", action="store_true", help="give the prompts as raw text, not as a user message"
     )
@@ -282,7 +283,9 @@ def _sample(args) -> int:
     from tether.models import load_causal_lm, load_tokenizer
     from tether.precision import Placement, resolve_device
     from tether.rewards import decode_responses
+    from tether.roles import load_sampler
     from tether.rollout import Sampling, generate, stop_ids
+    from tether.sampling import sample
 
     placement = Placement(resolve_device(args.device, "--device"))
     tokenizer = load_tokenizer(args.model)
@@ -294,7 +297,8 @@ def _sample(args) -> int:
     ids, mask = map(placement.move, prompt_batch(tokenizer, prompts, 1024))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     stops = stop_ids(tokenizer, policy)
-    resp, resp_mask = generate(policy, ids, mask, sampling, stops, tokenizer.pad_token_id)
+    sampler = load_sampler(args.sampler, "--sampler") or sample
+    resp, resp_mask = generate(policy, ids, mask, sampling, stops, tokenizer.pad_token_id, sampler=sampler)
     for i, (prompt, text) in enumerate(zip(texts, decode_responses(tokenizer, resp, resp_mask))):
         print(("\n" if i else "") + _labelled("prompt", prompt) + "\n" + _labelled("answer", text.strip()))
     return 0

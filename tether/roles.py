@@ -92,20 +92,20 @@ def load_scorer(spec: str, tokenizer, placement: Placement, trust_remote_code: b
     return RewardModelScorer(reward_model, tokenizer.eos_token_id, rm_tokenizer, placement=placement, step_id=step_id)
 
 
-def load_sampler(spec: str):
-    """The sampler ``sampling.sampler`` names (``module:Class`` or ``file.py:Class``), built once with no arguments;
-    None for an empty spec (tether's own). Its errors, in building and in drawing, are one line naming it."""
+def load_sampler(spec: str, field: str = "sampling.sampler"):
+    """The sampler ``field`` (``sampling.sampler``) names (``module:Class`` or ``file.py:Class``), built once with no
+    arguments; None for an empty spec (tether's own). Its errors, in building and in drawing, are one line naming it."""
     if not spec:
         return None
-    factory = load_callable(spec, "sampling.sampler", "Class")
+    factory = load_callable(spec, field, "Class")
     try:
         engine = factory()
     except Exception as e:  # the user's code: any error becomes one line naming it
         raise TetherError(
-            f"sampling.sampler '{spec}': creating it raised {type(e).__name__}: {first_line(e)}"
+            f"{field} '{spec}': creating it raised {type(e).__name__}: {first_line(e)}"
         ) from None
     if not callable(engine):
-        raise TetherError(f"sampling.sampler '{spec}': {type(engine).__name__} is not callable like tether's sample()")
+        raise TetherError(f"{field} '{spec}': {type(engine).__name__} is not callable like tether's sample()")
 
     def draw(*args):
         try:
@@ -113,6 +113,6 @@ def load_sampler(spec: str):
         except TetherError:
             raise
         except Exception as e:
-            raise TetherError(f"sampling.sampler '{spec}': it raised {type(e).__name__}: {first_line(e)}") from None
+            raise TetherError(f"{field} '{spec}': it raised {type(e).__name__}: {first_line(e)}") from None
 
     return draw
