@@ -205,5 +205,6 @@ def test_tether_sample_draws_from_the_named_sampler(policy_dir, tokenizer):
     run = sample(f"{__file__}:Raises")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
-        f"tether: --sampler '{__file__}:Raises': it raised ConnectionError: engine at localhost:8000 refused the connection"
+        f"tether: --sampler '{__file__}:Raises': it raised ConnectionError: "
+        "engine at localhost:8000 refused the connection"
     )

@@ -94,16 +94,15 @@ def load_scorer(spec: str, tokenizer, placement: Placement, trust_remote_code: b
 
 def load_sampler(spec: str, field: str = "sampling.sampler"):
     """The sampler ``field`` (``sampling.sampler``) names (``module:Class`` or ``file.py:Class``), built once with no
-    arguments; None for an empty spec (tether's own). Its errors, in building and in drawing, are one line naming it."""
+    arguments; None for an empty spec (tether's own). Its errors, in building and in drawing, are one line naming
+    it."""
     if not spec:
         return None
     factory = load_callable(spec, field, "Class")
     try:
         engine = factory()
     except Exception as e:  # the user's code: any error becomes one line naming it
-        raise TetherError(
-            f"{field} '{spec}': creating it raised {type(e).__name__}: {first_line(e)}"
-        ) from None
+        raise TetherError(f"{field} '{spec}': creating it raised {type(e).__name__}: {first_line(e)}") from None
     if not callable(engine):
         raise TetherError(f"{field} '{spec}': {type(engine).__name__} is not callable like tether's sample()")
 
