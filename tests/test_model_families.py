@@ -362,3 +362,48 @@ def test_the_example_sampler_takes_prompts_padded_past_the_last_embedding_row(tm
     sampled = sampler(policy, prompt_ids, prompt_mask, Sampling(4), [tok.eos_token_id], None, nullcontext, True)
     assert sampled.tokens.shape[0] == 2 and 1 <= sampled.tokens.shape[1] <= 4
     assert ((sampled.tokens >= 0) & (sampled.tokens < vocab)).all()
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        ("gemma2", dict(final_logit_softcapping=0.5, head_dim=16, num_key_value_heads=1)),
+        ("cohere", dict(logit_scale=0.25, num_key_value_heads=1)),
+        ("granite", dict(logits_scaling=4.0, num_key_value_heads=1)),
+    ],
+    ids=["gemma2-softcap", "cohere-scale", "granite-scaling"],
+)
+def test_logits_take_the_step_a_family_takes_after_its_head(family):
+    """Gemma 2 caps its logits, Cohere and Granite scale them, after the LM head: the update's log-probs and the
+    sampler's are those of the model's own forward, and the first update's ratio is 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tether.algo import logprobs_from_logits
+    from tether.models import response_logits, trunk
+    from tether.sampling import row_keys, sample
+
+    kind, extra = family
+    config = AutoConfig.for_model(
+        kind, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # logits large enough that the family's step matters
+        model.get_output_embeddings().weight.mul_(40)
+    ids, mask = torch.randint(3, 64, (3, 10)), torch.ones(3, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).logits[:, 5:-1]
+        head = model.get_output_embeddings()(trunk(model)(input_ids=ids, attention_mask=mask).last_hidden_state)
+        assert not torch.allclose(head[:, 5:-1], own, atol=1e-2)  # the step is there to take
+        torch.testing.assert_close(response_logits(model, ids, mask, 6, 0.7, 2), own / 0.7, atol=1e-5, rtol=1e-5)
+        prompts, prompt_mask = ids[:, :6], mask[:, :6]
+        keys = row_keys(0, 0, range(3))
+        drawn = sample(model, prompts, prompt_mask, Sampling(4, temperature=0.7), [2], keys, record=True)
+        response = drawn.tokens
+        whole = torch.cat([prompts, response], 1)
+        whole_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)
+        again = logprobs_from_logits(response_logits(model, whole, whole_mask, 6, 0.7, 2), response)
+    live = drawn.logprobs != 0
+    torch.testing.assert_close(drawn.logprobs[live], again[live], atol=1e-5, rtol=1e-5)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tether import prepack
-from tether.models import trunk
+from tether.models import family_logits, trunk
 
 FAMILIES = ("LlamaModel", "MistralModel", "Qwen2Model")
 
@@ -139,6 +139,9 @@ def _supported(model: nn.Module, length: int, dtype: torch.dtype, packed: bool) 
     if type(body).__name__ not in FAMILIES or not _sdpa_has_gqa() or (packed and not prepack.packs(dtype)):
         return False
     if getattr(body.config, "hidden_act", None) != "silu" or not hasattr(body, "rotary_emb"):
+        return False
+    probe = torch.ones(1)
+    if family_logits(model, probe) is not probe:  # a step after the head (soft-capping, a scale): the model's own
         return False
     head = model.get_output_embeddings()
     return _plain_linear(head, packed) and all(_plain_layer(layer, length, packed) for layer in body.layers)

@@ -405,5 +405,22 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, temperature: float) -> t
 
     ``hidden`` is made contiguous first: given a strided slice, a frozen head's multiply broadcasts its weight into a
     batched one (the reference's head at half the speed)."""
-    logits = model.get_output_embeddings()(hidden.contiguous())
+    logits = family_logits(model, model.get_output_embeddings()(hidden.contiguous()))
     return logits if temperature == 1 else logits.float() / temperature
+
+
+def family_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The LM head's ``logits`` after the step some families' ``forward`` takes next, read from the config as
+    ``transformers`` does: Gemma's final soft-capping (cap * tanh(logits / cap)), Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``. Without it the sampler and the update would train a distribution the model never gives."""
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        logits = logits / scaling
+    return logits

@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 
 from tether.decoding import lean_decoder
-from tether.models import model_inputs, trunk
+from tether.models import family_logits, model_inputs, trunk
 from tether.prepack import compute_dtype, prepacked_linears
 
 try:  # the cache layers whose rows TransformersSteps.keep_rows may select (transformers 4.56 on)
@@ -192,7 +192,7 @@ class TransformersSteps:
         cache = {self.cache_name: self.cache}
         out = self.body(input_ids=ids, attention_mask=self.attention, position_ids=positions, use_cache=True, **cache)
         self.cache, hidden = out[self.cache_name], out.last_hidden_state[:, -1]
-        return self.model.get_output_embeddings()(hidden), hidden
+        return family_logits(self.model, self.model.get_output_embeddings()(hidden)), hidden
 
     @property
     def can_keep_rows(self) -> bool:
