@@ -11,6 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BloomConfig,
@@ -23,6 +24,7 @@ from transformers import (
 )
 
 from tether import prepack, sampling
+from tether.algo import logprobs_from_logits
 from tether.config import RunConfig
 from tether.data import left_pad
 from tether.models import (
@@ -38,6 +40,7 @@ from tether.models import (
     reference_copy,
     response_logits,
     sequence_scores,
+    trunk,
 )
 from tether.rewards import load_callable
 from tether.rollout import score_tokens
@@ -376,12 +379,6 @@ def test_the_example_sampler_takes_prompts_padded_past_the_last_embedding_row(tm
 def test_logits_take_the_step_a_family_takes_after_its_head(family):
     """Gemma 2 caps its logits, Cohere and Granite scale them, after the LM head: the update's log-probs and the
     sampler's are those of the model's own forward, and the first update's ratio is 1."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tether.algo import logprobs_from_logits
-    from tether.models import response_logits, trunk
-    from tether.sampling import row_keys, sample
-
     kind, extra = family
     config = AutoConfig.for_model(
         kind, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -399,8 +396,8 @@ def test_logits_take_the_step_a_family_takes_after_its_head(family):
         assert not torch.allclose(head[:, 5:-1], own, atol=1e-2)  # the step is there to take
         torch.testing.assert_close(response_logits(model, ids, mask, 6, 0.7, 2), own / 0.7, atol=1e-5, rtol=1e-5)
         prompts, prompt_mask = ids[:, :6], mask[:, :6]
-        keys = row_keys(0, 0, range(3))
-        drawn = sample(model, prompts, prompt_mask, Sampling(4, temperature=0.7), [2], keys, record=True)
+        keys = sampling.row_keys(0, 0, range(3))
+        drawn = sampling.sample(model, prompts, prompt_mask, Sampling(4, temperature=0.7), [2], keys, record=True)
         response = drawn.tokens
         whole = torch.cat([prompts, response], 1)
         whole_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)
