@@ -4,6 +4,7 @@ Each family is a tiny model built from its config (2 layers, width 32) with a BP
 pad token: ``load_tokenizer`` adds a separate one and ``model_inputs`` replaces it before embedding.
 """
 
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tether.data import left_pad
 from tether.models import (
     ActorCritic,
     compiled_trunks,
+    family_logits,
     enable_gradient_checkpointing,
     fuse_activations,
     hidden_states,
@@ -373,11 +375,15 @@ def test_the_example_sampler_takes_prompts_padded_past_the_last_embedding_row(tm
         ("gemma2", dict(final_logit_softcapping=0.5, head_dim=16, num_key_value_heads=1)),
         ("cohere", dict(logit_scale=0.25, num_key_value_heads=1)),
         ("granite", dict(logits_scaling=4.0, num_key_value_heads=1)),
+        ("hyperclovax", dict(logits_scaling=0.25, num_key_value_heads=1)),
+        ("minicpm3", dict(dim_model_base=8, num_key_value_heads=2)),
+        ("falcon_h1", dict(lm_head_multiplier=0.25, num_key_value_heads=1)),
     ],
-    ids=["gemma2-softcap", "cohere-scale", "granite-scaling"],
+    ids=["gemma2-softcap", "cohere-scale", "granite-scaling", "hyperclovax-scaling", "minicpm3-scaling", "falcon-h1"],
 )
 def test_logits_take_the_step_a_family_takes_after_its_head(family):
-    """Gemma 2 caps its logits, Cohere and Granite scale them, after the LM head: the update's log-probs and the
+    """Gemma 2 caps its logits after the LM head; Cohere, HyperCLOVA X and Falcon-H1 multiply them, Granite and
+    MiniCPM3 divide them (``logits_scaling`` means the one or the other by family): the update's log-probs and the
     sampler's are those of the model's own forward, and the first update's ratio is 1."""
     kind, extra = family
     config = AutoConfig.for_model(
@@ -404,3 +410,29 @@ def test_logits_take_the_step_a_family_takes_after_its_head(family):
         again = logprobs_from_logits(response_logits(model, whole, whole_mask, 6, 0.7, 2), response)
     live = drawn.logprobs != 0
     torch.testing.assert_close(drawn.logprobs[live], again[live], atol=1e-5, rtol=1e-5)
+
+
+def test_a_composite_config_scales_then_caps_from_its_text_config():
+    """A model whose config nests its text config (as vision-language models do) takes the step its text config
+    names; a scale and a cap together are taken in that order (Muse's forward: cap * tanh(logits * m / cap))."""
+
+    class Text:
+        model_type, output_multiplier, final_logit_softcapping = "muse_spark_text", 2.0, 3.0
+
+    class Outer:
+        model_type = "muse_spark"
+
+        def get_text_config(self):
+            return Text()
+
+    model = torch.nn.Module()
+    model.config = Outer()
+    logits = torch.tensor([[-4.0, 0.0, 1.5]])
+    expected = torch.tensor([[3.0 * math.tanh(-8.0 / 3.0), 0.0, 3.0 * math.tanh(1.0)]])
+    torch.testing.assert_close(family_logits(model, logits), expected)
+    Text.model_type, Text.output_multiplier, Text.final_logit_softcapping = "hyperclovax", 1, None
+    Text.logits_scaling = 4.0  # HyperCLOVA X multiplies by it where Granite divides
+    torch.testing.assert_close(family_logits(model, logits), logits * 4.0)
+    plain = torch.nn.Module()
+    plain.config = AutoConfig.for_model("llama")
+    assert family_logits(plain, logits) is logits

@@ -409,18 +409,39 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, temperature: float) -> t
     return logits if temperature == 1 else logits.float() / temperature
 
 
+MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax",)  # model types whose forward multiplies by logits_scaling (Granite's
+# and MiniCPM3's divide)
+
+
+def logit_multiplier(config) -> float:
+    """The factor a family's ``forward`` multiplies the LM head's logits by, read from its (text) config as
+    ``transformers`` does: Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Muse's ``output_multiplier``
+    times, and ``logits_scaling``, by which Granite and MiniCPM3 divide and HyperCLOVA X multiplies."""
+    factor = 1.0
+    for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            factor *= value
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling:
+        multiplies = str(getattr(config, "model_type", "")).startswith(MULTIPLY_BY_LOGITS_SCALING)
+        factor = factor * scaling if multiplies else factor / scaling
+    return factor
+
+
 def family_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """The LM head's ``logits`` after the step some families' ``forward`` takes next, read from the config as
-    ``transformers`` does: Gemma's final soft-capping (cap * tanh(logits / cap)), Cohere's ``logit_scale``, Granite's
-    ``logits_scaling``. Without it the sampler and the update would train a distribution the model never gives."""
+    """The LM head's ``logits`` after the step some families' ``forward`` takes next: a scale
+    (:func:`logit_multiplier`), then Gemma's final soft-capping, ``cap * tanh(logits / cap)`` (Muse scales, then
+    caps). Without it the sampler and the update would train a distribution the model never gives. ``logits`` itself
+    where the family takes no step."""
     config = getattr(model, "config", None)
-    cap = getattr(config, "final_logit_softcapping", None)
+    if config is None:
+        return logits
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    factor = logit_multiplier(text)
+    if factor != 1:
+        logits = logits * factor
+    cap = getattr(text, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    scaling = getattr(config, "logits_scaling", None)
-    if isinstance(scaling, (int, float)) and scaling != 1:
-        logits = logits / scaling
     return logits
