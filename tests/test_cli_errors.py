@@ -127,3 +127,21 @@ def test_compile_with_gradient_checkpointing_is_one_line(tmp_path, policy_dir):
         cwd=tmp_path,
     )
     assert_one_line(result, "model.compile and model.gradient_checkpointing: set one of them, not both")
+
+
+def test_a_policy_whose_logits_tether_cannot_read_is_one_line(tmp_path, policy_dir):
+    """A BERT turned decoder puts a transform between its last hidden state and its output embedding: sampling
+    and PPO would train a model it is not, so loading it as a policy is refused, naming the folder and the class."""
+    from transformers import AutoTokenizer, BertConfig, BertLMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, is_decoder=True)  # fmt: skip
+    folder = tmp_path / "bert"
+    BertLMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert_one_line(
+        tether("sample", folder, "1+1="),
+        f"policy '{folder}': BertLMHeadModel is not supported for sampling and PPO: its logits are not its output "
+        "embedding applied to its last hidden state",
+    )

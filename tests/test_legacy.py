@@ -525,3 +525,15 @@ def test_tutorial_example_runs_and_score_rises(capsys):
     # the smallest rise was 0.13
     assert len(scores) == 20 and sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.1, scores
     assert "Mean reward:" in capsys.readouterr().out
+
+
+def test_from_pretrained_refuses_a_model_whose_logits_the_trainer_cannot_read(tmp_path):
+    """The trainer reads log-probs from the head at the trunk's last hidden state: a BERT turned decoder (a
+    transform before its output embedding) is refused at from_pretrained, a ValueError as TRL's errors are."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, is_decoder=True)  # fmt: skip
+    BertLMHeadModel(config).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="BertLMHeadModel is not supported for sampling and PPO: its logits are not"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path / "bert"))

@@ -28,8 +28,10 @@ from tether import prepack, sampling
 from tether.algo import logprobs_from_logits
 from tether.config import RunConfig
 from tether.data import left_pad
+from tether.errors import TetherError
 from tether.models import (
     ActorCritic,
+    check_logits,
     compiled_trunks,
     family_logits,
     enable_gradient_checkpointing,
@@ -400,6 +402,7 @@ def test_logits_take_the_step_a_family_takes_after_its_head(family):
         own = model(input_ids=ids, attention_mask=mask).logits[:, 5:-1]
         head = model.get_output_embeddings()(trunk(model)(input_ids=ids, attention_mask=mask).last_hidden_state)
         assert not torch.allclose(head[:, 5:-1], own, atol=1e-2)  # the step is there to take
+        assert check_logits(model, "policy") is model
         torch.testing.assert_close(response_logits(model, ids, mask, 6, 0.7, 2), own / 0.7, atol=1e-5, rtol=1e-5)
         prompts, prompt_mask = ids[:, :6], mask[:, :6]
         keys = sampling.row_keys(0, 0, range(3))
@@ -436,3 +439,18 @@ def test_a_composite_config_scales_then_caps_from_its_text_config():
     plain = torch.nn.Module()
     plain.config = AutoConfig.for_model("llama")
     assert family_logits(plain, logits) is logits
+
+
+def test_a_model_whose_head_tether_cannot_run_is_refused_in_one_line():
+    """ELECTRA's generator projects its hidden state down before the output embedding: tether's reading of the
+    logits fails, and the error says so in one line instead of a shape mismatch mid-rollout."""
+    config = AutoConfig.for_model(
+        "electra", vocab_size=64, hidden_size=32, embedding_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, is_decoder=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(TetherError) as caught:
+        check_logits(model, "policy 'electra'")
+    message = str(caught.value)
+    assert message.startswith("policy 'electra': ElectraForCausalLM is not supported for sampling and PPO: its logits")
+    assert "\n" not in message

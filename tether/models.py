@@ -209,9 +209,42 @@ def _gguf_kwargs(gguf_file: str) -> dict:
     return {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """Load a causal LM (a folder of safetensors weights, a ``.gguf`` file or a Hub repo id) with dropout off."""
-    return load_pretrained(AutoModelForCausalLM, path, "policy", dtype, trust_remote_code)
+def load_causal_lm(
+    path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False, check_head: bool = True
+) -> nn.Module:
+    """Load a causal LM (a folder of safetensors weights, a ``.gguf`` file or a Hub repo id) with dropout off;
+    ``check_head``: one whose logits tether can read from its head (:func:`check_logits`; SFT and DPO, which read
+    the model's own ``forward``, need not)."""
+    model = load_pretrained(AutoModelForCausalLM, path, "policy", dtype, trust_remote_code)
+    return check_logits(model, f"policy '{path}'") if check_head else model
+
+
+def check_logits(model: nn.Module, what: str) -> nn.Module:
+    """``model``, once tether's reading of its logits (the output embedding at the trunk's last hidden state, then
+    :func:`family_logits`) has given its own ``forward``'s logits on a probe of four tokens; else a one-line error
+    naming ``what`` and the architecture. An encoder turned decoder (BERT, RoBERTa, ELECTRA: a transform before the
+    output embedding) is refused here rather than trained as a model it is not. A model whose own ``forward``
+    cannot run on the probe is not judged."""
+    head = model.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.shape[0] < 5:
+        return model  # no head to read, or too few tokens for the probe
+    ids = torch.arange(1, 5, device=model.device)[None]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        try:
+            own = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        except Exception:
+            return model
+        try:
+            mine = head_logits(model, hidden_states(model, ids, mask, fill_id=0), 1.0).float()
+            same = mine.shape == own.shape and torch.allclose(mine, own, rtol=1e-3, atol=1e-3 * own.abs().max().item())
+            reason = "its logits are not its output embedding applied to its last hidden state"
+        except Exception as e:
+            same, reason = False, f"its logits cannot be read from its head and trunk ({first_line(e)})"
+    if not same:
+        kind = type(model).__name__
+        raise TetherError(f"{what}: {kind} is not supported for sampling and PPO: {reason}")
+    return model
 
 
 def load_reward_model(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from tether.errors import TetherError
 from tether.legacy.errors import LegacyValueError
-from tether.models import DTYPES, is_peft_model, load_pretrained
+from tether.models import DTYPES, check_logits, is_peft_model, load_pretrained
 from tether.sources import resolve
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -137,6 +137,7 @@ def load_language_model(path, request: LoadRequest) -> tuple[nn.Module, Path | N
         model = load_pretrained(
             AutoModelForCausalLM, shown, "policy", dtype, request.trust_remote_code, **request.hf_kwargs
         )
+        check_logits(model, f"policy '{shown}'")  # the trainer reads its logits from its head and trunk
     except TetherError as e:  # not a causal-LM folder, no weights, ...: a ValueError, as transformers raised
         raise LegacyValueError(str(e)) from None
     if request.peft_config is not None:

@@ -59,12 +59,12 @@ def policy_and_reference(config: RunConfig, placement: Placement):
             "model.policy=tiny is a new, untrained model for `tether sft`; DPO starts from a trained policy folder "
             "(e.g. model.policy=runs/sft-.../model)"
         )
-    policy = load_causal_lm(m.policy, placement.trained_dtype, m.trust_remote_code)
+    policy = load_causal_lm(m.policy, placement.trained_dtype, m.trust_remote_code, check_head=False)
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     if m.lora_r > 0:
         policy = add_lora(policy, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
     if m.reference:
-        reference = load_causal_lm(m.reference, placement.frozen_dtype, m.trust_remote_code)
+        reference = load_causal_lm(m.reference, placement.frozen_dtype, m.trust_remote_code, check_head=False)
     elif m.lora_r > 0:  # the same weights with the adapter switched off: no second copy
         reference = AdapterDisabledReference(policy)
     else:

@@ -56,7 +56,7 @@ def initial_policy(config: RunConfig, texts: list[str], dtype: str | torch.dtype
         policy = fuse_activations(GPT2LMHeadModel(shape))
         return policy, tokenizer
     tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.policy, model_cfg.trust_remote_code)
-    return load_causal_lm(model_cfg.policy, dtype, model_cfg.trust_remote_code), tokenizer
+    return load_causal_lm(model_cfg.policy, dtype, model_cfg.trust_remote_code, check_head=False), tokenizer
 
 
 def sft_loss(policy, ids, attention_mask, loss_mask, fill_id: int, num_tokens: float | None = None):
