@@ -448,8 +448,9 @@ MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax",)  # model types whose forward multi
 
 def logit_multiplier(config) -> float:
     """The factor a family's ``forward`` multiplies the LM head's logits by, read from its (text) config as
-    ``transformers`` does: Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Muse's ``output_multiplier``
-    times, and ``logits_scaling``, by which Granite and MiniCPM3 divide and HyperCLOVA X multiplies."""
+    ``transformers`` does: Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier`` and Muse's
+    ``output_multiplier``, and ``logits_scaling``, which Granite and MiniCPM3 divide by and HyperCLOVA X multiplies
+    by."""
     factor = 1.0
     for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):
         value = getattr(config, name, None)
