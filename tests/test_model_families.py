@@ -454,3 +454,31 @@ def test_a_model_whose_head_tether_cannot_run_is_refused_in_one_line():
     message = str(caught.value)
     assert message.startswith("policy 'electra': ElectraForCausalLM is not supported for sampling and PPO: its logits")
     assert "\n" not in message
+
+
+def test_llama4_text_reads_its_trunk_and_samples_as_it_trains():
+    """Llama 4's text model names its trunk ``language_model`` but keeps it at ``model``: the trunk is found, its
+    logits read as its forward's, and its router (an nn.Linear returning two tensors) is left out of the packed
+    sampling path, so the sampler's log-probs are the update's."""
+    config = AutoConfig.for_model(
+        "llama4_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert type(trunk(model)).__name__ == "Llama4TextModel"
+    assert check_logits(model, "policy") is model
+    ids, mask = torch.randint(3, 64, (3, 10)), torch.ones(3, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).logits[:, 5:-1]
+        torch.testing.assert_close(response_logits(model, ids, mask, 6, 1.0, 2), own, atol=1e-5, rtol=1e-5)
+        prompts, prompt_mask = ids[:, :6], mask[:, :6]
+        drawn = sampling.sample(
+            model, prompts, prompt_mask, Sampling(4), [2], sampling.row_keys(0, 0, range(3)), record=True
+        )
+        whole = torch.cat([prompts, drawn.tokens], 1)
+        whole_mask = torch.cat([prompt_mask, torch.ones_like(drawn.tokens)], 1)
+        again = logprobs_from_logits(response_logits(model, whole, whole_mask, 6, 1.0, 2), drawn.tokens)
+    live = drawn.logprobs != 0
+    torch.testing.assert_close(drawn.logprobs[live], again[live], atol=1e-5, rtol=1e-5)

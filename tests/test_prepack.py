@@ -105,3 +105,24 @@ def test_an_exception_inside_restores_the_layers():
     with pytest.raises(RuntimeError, match="inside"), prepacked_linears(model):
         raise RuntimeError("inside")
     assert not any("forward" in vars(m) for m in linear_layers(model))
+
+
+def test_a_linear_subclass_with_its_own_forward_is_left_alone():
+    """Llama 4's router is an nn.Linear whose forward returns (scores, logits): routing it through the packed
+    multiply would return one tensor. Such layers keep their forward; plain linears beside them are packed."""
+
+    class Router(torch.nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.sigmoid(), logits
+
+    model = torch.nn.ModuleDict({"router": Router(8, 4), "proj": torch.nn.Linear(8, 4)})
+    x = torch.randn(3, 8)
+    with torch.no_grad(), prepacked_linears(model) as count:
+        assert count == 1 and "forward" in vars(model["proj"]) and "forward" not in vars(model["router"])
+        scores, logits = model["router"](x)
+        projected = model["proj"](x)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, torch.nn.functional.linear(x, model["router"].weight, model["router"].bias))
+        torch.testing.assert_close(scores, logits.sigmoid())
+        torch.testing.assert_close(projected, model["proj"](x), atol=1e-5, rtol=1e-5)

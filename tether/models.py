@@ -287,10 +287,12 @@ def is_peft_model(model) -> bool:
 
 
 def trunk(model: nn.Module) -> nn.Module:
-    """The transformer body of a Hugging Face model (``model.transformer`` for GPT-2, ``model.model`` for Llama)."""
+    """The transformer body of a Hugging Face model (``model.transformer`` for GPT-2, ``model.model`` for Llama);
+    ``model.model`` too where the class's ``base_model_prefix`` names no attribute (Llama 4's text model)."""
     if is_peft_model(model):  # a PeftModel's own base_model is its LoRA wrapper, which returns logits
         model = model.get_base_model()
-    return model.base_model
+    body = model.base_model
+    return model.model if body is model and isinstance(getattr(model, "model", None), nn.Module) else body
 
 
 @contextlib.contextmanager

@@ -108,10 +108,11 @@ def _packed_forward(layer: nn.Module, packed: torch.Tensor, bias, out_features: 
 
 
 def _weight_as_linear(layer: nn.Module) -> torch.Tensor | None:
-    """The (out, in) weight of a linear layer or GPT-2 Conv1D (which stores (in, out)), or None for other layers."""
-    if isinstance(layer, nn.Linear):
+    """The (out, in) weight of a linear layer or GPT-2 Conv1D (which stores (in, out)), or None for other layers,
+    subclasses whose ``forward`` is their own included (Llama 4's router returns its scores and logits)."""
+    if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
         return layer.weight.detach()
-    if isinstance(layer, Conv1D):
+    if isinstance(layer, Conv1D) and type(layer).forward is Conv1D.forward:
         return layer.weight.detach().t().contiguous()
     return None
 
