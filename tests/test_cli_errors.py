@@ -145,3 +145,28 @@ def test_a_policy_whose_logits_tether_cannot_read_is_one_line(tmp_path, policy_d
         f"policy '{folder}': BertLMHeadModel is not supported for sampling and PPO: its logits are not its output "
         "embedding applied to its last hidden state",
     )
+
+
+def test_a_reward_model_without_a_score_head_is_one_line(tmp_path, policy_dir):
+    """A BERT classifier pools its first token through a 'classifier', where tether reads a decoder's 'score' head
+    at the last token: named in one line when PPO loads it, not an AttributeError at the first scoring."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=1
+    )
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert-rm")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1+1="}\n')
+    result = tether(
+        "ppo",
+        f"model.policy={policy_dir}",
+        f"model.reward_model={tmp_path / 'bert-rm'}",
+        "ppo.prompts=prompts.jsonl",
+        f"output_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert_one_line(
+        result,
+        f"reward model '{tmp_path / 'bert-rm'}': BertForSequenceClassification has no linear 'score' head read at the "
+        "last token (tether reads decoder reward models and critics: Llama, Qwen, Mistral, Gemma, GPT-2, ...)",
+    )

@@ -41,6 +41,7 @@ from tether.models import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    new_scalar_model,
     reference_copy,
     response_logits,
     sequence_scores,
@@ -482,3 +483,34 @@ def test_llama4_text_reads_its_trunk_and_samples_as_it_trains():
         again = logprobs_from_logits(response_logits(model, whole, whole_mask, 6, 1.0, 2), drawn.tokens)
     live = drawn.logprobs != 0
     torch.testing.assert_close(drawn.logprobs[live], again[live], atol=1e-5, rtol=1e-5)
+
+
+def test_a_critic_or_reward_model_from_an_encoder_is_refused_in_one_line(tmp_path):
+    """Reward-model training and a separate critic start from a folder's trunk with a new 'score' head; a BERT
+    folder has none to draw: the error names the folder and the class."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=1
+    )
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    with pytest.raises(TetherError) as caught:
+        new_scalar_model(str(tmp_path / "bert"))
+    assert str(caught.value).startswith(f"model '{tmp_path / 'bert'}': BertForSequenceClassification has no linear")
+
+
+def test_a_critic_starts_from_a_classifier_of_other_labels(tmp_path):
+    """A sequence classifier of two labels as a critic's or reward model's start: its trunk is read, and its head,
+    of the wrong size, is drawn anew with one output (not a size-mismatch traceback)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    source = LlamaForSequenceClassification(config)
+    source.save_pretrained(tmp_path / "classifier")
+    model = new_scalar_model(str(tmp_path / "classifier"))
+    assert model.score.weight.shape == (1, 32)
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, source.model.layers[0].mlp.up_proj.weight)

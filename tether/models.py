@@ -252,7 +252,21 @@ def load_reward_model(path: str, dtype: str | torch.dtype = "float32", trust_rem
     model = load_pretrained(AutoModelForSequenceClassification, path, "reward model", dtype, trust_remote_code)
     if model.config.num_labels != 1:
         raise TetherError(f"reward model '{path}': expected num_labels=1, found {model.config.num_labels}")
+    score_head(model, f"reward model '{path}'")
     return model
+
+
+def score_head(model: nn.Module, what: str) -> nn.Linear:
+    """The linear ``score`` head a decoder's sequence-classification model reads at each token, which tether reads
+    at the last real one; a one-line error naming ``what`` for a model without one (an encoder such as BERT or
+    RoBERTa, which pools its first token through a ``classifier``)."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise TetherError(
+            f"{what}: {type(model).__name__} has no linear 'score' head read at the last token (tether reads "
+            "decoder reward models and critics: Llama, Qwen, Mistral, Gemma, GPT-2, ...)"
+        )
+    return head
 
 
 def new_scalar_model(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False) -> nn.Module:
@@ -262,8 +276,11 @@ def new_scalar_model(path: str, dtype: str | torch.dtype = "float32", trust_remo
 
     A fresh head is drawn from N(0, 1/sqrt(d_model + 1)) (ppo_details #2).
     """
-    model = load_pretrained(AutoModelForSequenceClassification, path, "model", dtype, trust_remote_code, num_labels=1)
-    head = model.score
+    model = load_pretrained(
+        AutoModelForSequenceClassification, path, "model", dtype, trust_remote_code, num_labels=1,
+        ignore_mismatched_sizes=True,  # a classifier folder's head of other labels: drawn anew below all the same
+    )  # fmt: skip
+    head = score_head(model, f"model '{path}'")
     nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
         nn.init.zeros_(head.bias)
