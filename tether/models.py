@@ -461,8 +461,8 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, temperature: float) -> t
     return logits if temperature == 1 else logits.float() / temperature
 
 
-MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax",)  # model types whose forward multiplies by logits_scaling (Granite's
-# and MiniCPM3's divide)
+# model types whose forward multiplies its logits by logits_scaling (Granite's and MiniCPM3's divide by it)
+MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax",)
 
 
 def logit_multiplier(config) -> float:
