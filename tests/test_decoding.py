@@ -20,7 +20,7 @@ from transformers import cache_utils
 
 from tether import prepack
 from tether.decoding import LeanDecoder, lean_decoder
-from tether.models import model_inputs
+from tether.passes import model_inputs
 from tether import sampling
 from tether.sampling import Sampling, TransformersSteps, row_keys, sample
 

@@ -14,7 +14,8 @@ from tether.envs import make_envs
 from tether.envs.episodes import collect_episodes, episode_stats, play_episodes
 from tether.envs.games import REPLY, HighLow, all_prompts, rule_answer, sft_records
 from tether.errors import TetherError
-from tether.models import ActorCritic, gather_ids, load_causal_lm, reference_copy
+from tether.models import ActorCritic, load_causal_lm, reference_copy
+from tether.passes import gather_ids
 from tether.rollout import Sampling
 from tether.trainers.ppo import PPOTrainer
 from tether.tracking import read_metrics

@@ -13,14 +13,8 @@ from tether.config import RunConfig  # noqa: E402
 from tether.demo.task import ALPHABET  # noqa: E402
 from tether.errors import TetherError  # noqa: E402
 from tether.lora import AdapterDisabledReference, add_lora, export_policy, merged_lora_state, parameter_bytes  # noqa: E402
-from tether.models import (  # noqa: E402
-    ActorCritic,
-    char_tokenizer,
-    is_peft_model,
-    load_causal_lm,
-    new_scalar_model,
-    response_logits,
-)
+from tether.models import ActorCritic, char_tokenizer, load_causal_lm, new_scalar_model  # noqa: E402
+from tether.passes import is_peft_model, response_logits  # noqa: E402
 from tether.rollout import Sampling, generate  # noqa: E402
 from tether.trainers.common import save_model  # noqa: E402
 from tether.trainers.ppo import PPOTrainer  # noqa: E402

@@ -32,17 +32,19 @@ from tether.errors import TetherError
 from tether.models import (
     ActorCritic,
     check_logits,
-    compiled_trunks,
-    family_logits,
     enable_gradient_checkpointing,
     fuse_activations,
-    hidden_states,
-    last_feed_forward,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     new_scalar_model,
     reference_copy,
+)
+from tether.passes import (
+    compiled_trunks,
+    family_logits,
+    hidden_states,
+    last_feed_forward,
     response_logits,
     sequence_scores,
     trunk,

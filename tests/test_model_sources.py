@@ -25,9 +25,8 @@ from tether.models import (
     load_reward_model,
     load_tokenizer,
     new_scalar_model,
-    sequence_scores,
-    trunk,
 )
+from tether.passes import sequence_scores, trunk
 from tether.roles import load_roles
 from tether.trainers.sft import train_sft
 

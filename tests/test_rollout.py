@@ -2,7 +2,8 @@ import torch
 
 from tether.algo import logprobs_from_logits
 from tether.data import prompt_batch
-from tether.models import ActorCritic, load_causal_lm, load_reward_model, reference_copy, response_logits
+from tether.models import ActorCritic, load_causal_lm, load_reward_model, reference_copy
+from tether.passes import response_logits
 from tether.precision import Placement
 from tether.rewards import FunctionScorer, RewardModelScorer
 from tether.rollout import Sampling, collect_rollout, generate, mask_after_eos, score_tokens
@@ -113,7 +114,8 @@ def test_reward_model_with_its_own_tokenizer_scores_the_text(tokenizer, policy_d
     from transformers import GPT2ForSequenceClassification
 
     from tether.data import preference_batch
-    from tether.models import char_tokenizer, sequence_scores, tiny_config
+    from tether.models import char_tokenizer, tiny_config
+    from tether.passes import sequence_scores
 
     rm_tok = char_tokenizer("=+-*0123456789 abcdefghijklmnopqrstuvwxyz?!.,'ABCDEFGHIJKLMNOPQRSTUVWXYZ|")
     assert rm_tok.get_vocab() != tokenizer.get_vocab()

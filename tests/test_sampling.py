@@ -9,7 +9,8 @@ from transformers import GenerationConfig
 
 from tether.algo import entropy_from_logits, logprobs_from_logits
 from tether.data import prompt_batch
-from tether.models import ActorCritic, load_causal_lm, model_inputs, reference_copy, response_logits
+from tether.models import ActorCritic, load_causal_lm, reference_copy
+from tether.passes import model_inputs, response_logits
 from tether.precision import Placement
 from tether.rewards import FunctionScorer
 from tether.rollout import collect_rollout, mask_after_eos

@@ -17,7 +17,8 @@ from tether.config import build_config
 from tether.data import prompt_batch
 from tether.demo import steps_task
 from tether.errors import TetherError
-from tether.models import load_reward_model, token_scalars
+from tether.models import load_reward_model
+from tether.passes import token_scalars
 from tether.rewards import FunctionScorer, RewardModelScorer, char_ends, decode_texts
 from tether.trainers.ppo import PPOTrainer
 from tether.tracking import read_metrics

@@ -311,7 +311,7 @@ def test_compiled_update_gives_the_eager_numbers(tiny_ppo_args, tmp_path, device
     weights to float rounding; the trunks are eager again afterwards (the sampler never sees the compiled forward)."""
     from torch._dynamo.utils import counters
 
-    from tether.models import trunk
+    from tether.passes import trunk
 
     trainers, stats = {}, {}
     for compiled in (False, True):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tether import prepack
-from tether.models import family_logits, trunk
+from tether.passes import family_logits, trunk
 
 FAMILIES = ("LlamaModel", "MistralModel", "Qwen2Model")
 

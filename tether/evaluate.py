@@ -6,7 +6,7 @@ import torch
 
 from tether.algo import logprobs_from_logits
 from tether.data import prompt_batch
-from tether.models import gather_ids, response_logits
+from tether.passes import gather_ids, response_logits
 from tether.precision import Placement
 from tether.rewards import decode_responses
 from tether.rollout import Sampling, generate, is_stop, stop_ids

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tether.errors import TetherError
-from tether.models import is_peft_model, trunk
+from tether.passes import is_peft_model, trunk
 
 
 def add_lora(policy: nn.Module, r: int, alpha: float = 16.0, dropout: float = 0.0, target_modules: str = ""):

@@ -19,7 +19,7 @@ import torch
 
 from tether.data import left_pad, sequence_rows
 from tether.errors import TetherError
-from tether.models import sequence_scores, token_scalars
+from tether.passes import sequence_scores, token_scalars
 from tether.precision import Placement
 
 

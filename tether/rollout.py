@@ -16,7 +16,8 @@ import time
 from contextlib import nullcontext
 import torch
 from tether.algo import logprobs_and_entropy, logprobs_from_logits
-from tether.models import ActorCritic, gather_ids, response_logits
+from tether.models import ActorCritic
+from tether.passes import gather_ids, response_logits
 from tether.errors import TetherError
 from tether.sampling import Sampled, Sampler, Sampling, sample
 from tether.types import Rollout, length_groups

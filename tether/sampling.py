@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 
 from tether.decoding import lean_decoder
-from tether.models import family_logits, model_inputs, trunk
+from tether.passes import family_logits, model_inputs, trunk
 from tether.prepack import compute_dtype, prepacked_linears
 
 try:  # the cache layers whose rows TransformersSteps.keep_rows may select (transformers 4.56 on)

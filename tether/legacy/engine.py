@@ -24,7 +24,7 @@ from tether.algo import (
     shape_rewards,
 )
 from tether.errors import TetherError
-from tether.models import response_logits
+from tether.passes import response_logits
 from tether.trainers.ppo import PPOTrainer as CorePPOTrainer
 from tether.types import Rollout
 

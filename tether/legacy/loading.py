@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from tether.errors import TetherError
 from tether.legacy.errors import LegacyValueError
-from tether.models import DTYPES, check_logits, is_peft_model, load_pretrained
+from tether.models import DTYPES, check_logits, load_pretrained
+from tether.passes import is_peft_model
 from tether.sources import resolve
 
 VALUE_HEAD_FILE = "value_head.safetensors"

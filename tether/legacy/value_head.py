@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from tether.legacy.errors import LegacyValueError, UnknownArgumentError
 from tether.legacy.loading import HEAD_ARGS, VALUE_HEAD_FILE, LoadRequest, load_language_model, saved_value_head
-from tether.models import is_peft_model
+from tether.passes import is_peft_model
 
 INIT_STRATEGIES = (None, "normal", "zero")
 

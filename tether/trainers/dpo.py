@@ -20,14 +20,8 @@ from tether.config import RunConfig
 from tether.data import preference_pairs, read_records, sft_batch
 from tether.errors import TetherError
 from tether.lora import AdapterDisabledReference, add_lora
-from tether.models import (
-    enable_gradient_checkpointing,
-    gather_ids,
-    load_causal_lm,
-    load_tokenizer,
-    model_inputs,
-    reference_copy,
-)
+from tether.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, reference_copy
+from tether.passes import gather_ids, model_inputs
 from tether.precision import Placement
 from tether.tracking import MetricLogger
 from tether.trainers.common import (

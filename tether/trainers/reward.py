@@ -20,7 +20,8 @@ from tether.algo import pairwise_reward_loss, pearson_correlation
 from tether.config import RunConfig
 from tether.data import preference_batch, preference_pairs, read_records
 from tether.errors import TetherError
-from tether.models import enable_gradient_checkpointing, load_tokenizer, new_scalar_model, sequence_scores
+from tether.models import enable_gradient_checkpointing, load_tokenizer, new_scalar_model
+from tether.passes import sequence_scores
 from tether.precision import Placement
 from tether.trainers.common import (
     Shown,
@@ -159,7 +160,7 @@ def balance_pairs(tokenizer, train: list[dict], max_gap: int | None, echo=print)
 def reward_step(scorer, optimizer, tokenizer, batch, cfg, placement: Placement, step: int, total: int) -> dict:
     """One optimizer step of the pairwise loss (plus the centring term); returns its ``rm/*`` metrics.
 
-    ``scorer(ids, mask, fill_id)`` gives a reward model's (B,) scores (:func:`tether.models.sequence_scores`, under
+    ``scorer(ids, mask, fill_id)`` gives a reward model's (B,) scores (:func:`tether.passes.sequence_scores`, under
     DDP on several processes); each process scores its block of the pairs, weighted by its share of the batch.
     """
     scorer.train()

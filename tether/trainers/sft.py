@@ -26,9 +26,9 @@ from tether.models import (
     fuse_activations,
     load_causal_lm,
     load_tokenizer,
-    model_inputs,
     tiny_config,
 )
+from tether.passes import model_inputs
 from tether.precision import Placement
 from tether.trainers.common import (
     Shown,

@@ -16,7 +16,7 @@ import torch
 
 from tether import distributed
 from tether.algo import logprobs_and_entropy, masked_mean, ppo_policy_loss, ppo_value_loss
-from tether.models import compiled_trunks, gather_ids, response_logits
+from tether.passes import compiled_trunks, gather_ids, response_logits
 from tether.trainers.common import batches, lr_factor, set_lr, side_by_side
 from tether.types import Rollout, length_groups
 
