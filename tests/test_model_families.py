@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import (
     AutoConfig,
@@ -246,6 +247,32 @@ def test_last_feed_forward_left_whole_where_compiled_or_recomputed(family):
     assert last_feed_forward(policy) is not None
     enable_gradient_checkpointing(True, policy)
     assert last_feed_forward(policy) is None
+
+
+def test_compiled_trunks_compile_each_layer_or_a_trunk_whole():
+    """model.compile compiles a trunk's decoder layers one by one where it keeps them in one ModuleList (each
+    family's), and a trunk of another layout whole; outside the block every forward is the class's own again."""
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Body()
+
+        @property
+        def base_model(self):
+            return self.body
+
+    other, gpt2 = Model(), AutoModelForCausalLM.from_config(family_config("gpt2", 48, 0))
+    cache = {}
+    with compiled_trunks([other, None, gpt2], cache):
+        assert set(cache) == {other.body, *gpt2.transformer.h} and len(gpt2.transformer.h) == 2
+        assert all("forward" in vars(m) for m in cache) and "forward" not in vars(gpt2.transformer)
+    assert not any("forward" in vars(m) for m in cache)
 
 
 @pytest.mark.parametrize("value_model", ["head", "separate"])
