@@ -286,12 +286,16 @@ def test_a_compiled_sampler_compiles_once_per_length_bucket_and_falls_back_when_
 
     from tether import decoding
 
+    torch._dynamo.reset()  # no step compiled by an earlier test
+    monkeypatch.setattr(decoding, "_COMPILED", {})
     model = build("llama")
     ids, mask = padded_prompts()
     keys = row_keys(1, 0, range(3))
     eager = sample(model, ids, mask, Sampling(5), [1], keys, record=True)
+    before = counters["stats"]["unique_graphs"]
     compiled = sample(model, ids, mask, Sampling(5, compile=True), [1], keys, record=True)
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 1 and len(model.model.layers) > 1  # one layer's graph serves every layer
     longer = torch.cat([ids[:, :2], ids], 1), torch.cat([torch.zeros_like(mask[:, :2]), mask], 1)  # 9 tokens, not 7
     sample(model, *longer, Sampling(5, compile=True), [1], keys, record=True)
     assert counters["stats"]["unique_graphs"] == graphs  # the same cache length bucket: no new graph

@@ -26,6 +26,7 @@ tested).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -269,39 +270,52 @@ def feed_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
     return block.down(F.silu(gate) * up)
 
 
-def one_token(decoder: LeanDecoder, ids: torch.Tensor, positions: torch.Tensor, index: torch.Tensor):
+def one_token(decoder: LeanDecoder, ids: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, layer=None):
     """One new token per row (``ids``, ``positions``: (B, 1)) written at cache slot ``index`` (a (1,) tensor):
     logits (B, V) and hidden state (B, d). Every tensor has the same shape at every step: attention covers the
-    whole cache, the slots after ``index`` masked out. Two small batched multiplies, not the fused attention kernel,
-    whose set-up costs more than one query's work."""
+    whole cache, the slots after ``index`` masked out. Each block runs through ``layer`` (:func:`layer_step`, or its
+    compiled form)."""
+    layer = layer or layer_step
     decoder.allowed.index_fill_(1, index, True)
     bias = torch.zeros(decoder.allowed.shape, dtype=decoder.keys[0].dtype, device=ids.device)
     bias = bias.masked_fill_(~decoder.allowed, float("-inf"))[:, None, None, :]
     x = decoder.body.embed_tokens(ids)
     cos, sin = (t.unsqueeze(1) for t in decoder.body.rotary_emb(x, positions))
-    batch = ids.shape[0]
-    for i, block in enumerate(decoder.blocks):
-        queries, kv_heads = block.split[0], block.split[1]
-        heads = block.qkv(rms_norm(x, block.norms[0])).view(batch, 1, -1, block.head_dim).transpose(1, 2)
-        rotated = rotate(heads[:, : queries + kv_heads], cos, sin)
-        decoder.keys[i].index_copy_(2, index, rotated[:, queries:])
-        decoder.values[i].index_copy_(2, index, heads[:, queries + kv_heads :])
-        grouped = rotated[:, :queries].reshape(batch, kv_heads, -1, block.head_dim)  # query heads sharing a key head
-        weights = ((grouped @ decoder.keys[i].transpose(-1, -2)) * block.scaling + bias).softmax(-1)
-        out = (weights @ decoder.values[i]).view(batch, 1, -1)
-        x = x + block.out(out)
-        x = x + feed_forward(block, x)
+    for block, keys, values in zip(decoder.blocks, decoder.keys, decoder.values):
+        x = layer(block, keys, values, x, cos, sin, bias, index)
     hidden = rms_norm(x[:, -1], decoder.body.norm)
     return decoder.head(hidden), hidden
+
+
+def layer_step(block: Block, keys, values, x, cos, sin, bias, index) -> torch.Tensor:
+    """One decoder layer for one new token per row: the residual stream ``x`` (B, 1, d) after it, its key and value
+    written into the layer's cache ``keys``, ``values`` at slot ``index``. Two small batched multiplies, not the fused
+    attention kernel, whose set-up costs more than one query's work."""
+    batch = x.shape[0]
+    queries, kv_heads = block.split[0], block.split[1]
+    heads = block.qkv(rms_norm(x, block.norms[0])).view(batch, 1, -1, block.head_dim).transpose(1, 2)
+    rotated = rotate(heads[:, : queries + kv_heads], cos, sin)
+    keys.index_copy_(2, index, rotated[:, queries:])
+    values.index_copy_(2, index, heads[:, queries + kv_heads :])
+    grouped = rotated[:, :queries].reshape(batch, kv_heads, -1, block.head_dim)  # query heads sharing a key head
+    weights = ((grouped @ keys.transpose(-1, -2)) * block.scaling + bias).softmax(-1)
+    out = (weights @ values).view(batch, 1, -1)
+    x = x + block.out(out)
+    return x + feed_forward(block, x)
 
 
 _COMPILED = {}  # "step": the compiled one_token (one_token itself after a failed compile)
 
 
 def compiled_one_token():
-    """:func:`one_token` through ``torch.compile`` (made once per process; it compiles per batch size and length)."""
+    """:func:`one_token` with its :func:`layer_step` through ``torch.compile`` (made once per process; it compiles per
+    batch size and cache length). The layers share one graph, so the compiler traces one layer, not every one: on
+    SmolLM2 (30 layers, 2 CPU cores, an empty compiler cache) the first sampling pass took 14 s where compiling the
+    whole step took 37 s, and later passes ran as fast (2.27-2.45 s against 2.40-2.47 s, 16 x 32 tokens)."""
     if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(one_token, dynamic=False, fullgraph=True)
+        _COMPILED["step"] = functools.partial(
+            one_token, layer=torch.compile(layer_step, dynamic=False, fullgraph=True)
+        )
     return _COMPILED["step"]
 
 
