@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tether import prepack
+from tether import prepack, small_linear
 from tether.passes import family_logits, trunk
 
 FAMILIES = ("LlamaModel", "MistralModel", "Qwen2Model")
@@ -44,27 +44,44 @@ FAMILIES = ("LlamaModel", "MistralModel", "Qwen2Model")
 class Projection:
     """Linear layers side by side as one multiply (their outputs concatenated)."""
 
-    weight: torch.Tensor  # oneDNN-packed (``packed``) or a plain (out, in) matrix, in the dtype it computes in
+    weight: torch.Tensor  # oneDNN-packed (``packed``), panels (``plain``) or a plain (out, in) matrix, in its dtype
     bias: torch.Tensor | None
     width: int
     packed: bool = True
+    plain: tuple[torch.Tensor, ...] = ()  # with panels: the layers' own weights, for blocks of more rows
 
     @classmethod
-    def of(cls, *layers: nn.Linear, dtype: torch.dtype = torch.float32, packed: bool = True) -> Projection:
+    def of(cls, *layers: nn.Linear, dtype=torch.float32, packed: bool = True, panels: bool = False) -> Projection:
+        """The layers as one multiply in ``dtype``: from oneDNN-packed weights (``packed``), else plain ones; with
+        ``panels`` (float32 on the CPU), from :mod:`tether.small_linear`'s panels for up to its ``ROWS`` rows and from
+        the layers' own weights for more, where the width allows."""
         weights = [layer.weight.detach() for layer in layers]
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # one layer: no copy unless cast or packed
         bias = None
         if any(layer.bias is not None for layer in layers):
             bias = torch.cat([layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
                               for layer in layers]).to(dtype)  # fmt: skip
+        if panels and small_linear.packable(weight):
+            return cls(small_linear.pack(weight), bias, weight.shape[0], packed=False, plain=tuple(weights))
         if packed:
             return cls(prepack.pack(weight, dtype), bias, weight.shape[0])
         return cls(weight.to(dtype), bias, weight.shape[0], packed=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain:
+            return self.from_panels(x)
         if self.packed:
             return prepack.linear(x.to(self.weight.dtype), self.weight, self.bias, self.width)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+    def from_panels(self, x: torch.Tensor) -> torch.Tensor:
+        """A decoding step's few rows through the small-batch kernel; a prompt's many through the plain multiply,
+        layer by layer (at 512 rows as fast as oneDNN's packed one, and no second copy of the weights)."""
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= small_linear.ROWS:
+            return small_linear.linear(flat, self.weight, self.bias).view(*x.shape[:-1], self.width)
+        out = torch.cat([F.linear(x, weight) for weight in self.plain], dim=-1)
+        return out if self.bias is None else out + self.bias
 
 
 @dataclass
@@ -81,11 +98,11 @@ class Block:
     scaling: float
 
     @classmethod
-    def of(cls, layer: nn.Module, dtype: torch.dtype = torch.float32, packed: bool = True) -> Block:
+    def of(cls, layer: nn.Module, dtype=torch.float32, packed: bool = True, panels: bool = False) -> Block:
         attention, mlp = layer.self_attn, layer.mlp
         head_dim = attention.head_dim
         heads = [attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim]
-        how = dict(dtype=dtype, packed=packed)
+        how = dict(dtype=dtype, packed=packed, panels=panels)
         return cls(
             (layer.input_layernorm, layer.post_attention_layernorm),
             Projection.of(attention.q_proj, attention.k_proj, attention.v_proj, **how),
@@ -173,10 +190,10 @@ class LeanDecoder:
     """
 
     def __init__(self, model: nn.Module, batch: int, length: int, compiled: bool = False, dtype=torch.float32,
-                 packed: bool = True, graphed: bool = False):  # fmt: skip
+                 packed: bool = True, graphed: bool = False, panels: bool = False):  # fmt: skip
         self.body = trunk(model)
-        self.blocks = [Block.of(layer, dtype, packed) for layer in self.body.layers]
-        self.head = Projection.of(model.get_output_embeddings(), dtype=dtype, packed=packed)
+        self.blocks = [Block.of(layer, dtype, packed, panels) for layer in self.body.layers]
+        self.head = Projection.of(model.get_output_embeddings(), dtype=dtype, packed=packed, panels=panels)
         weight, first = self.body.embed_tokens.weight, self.blocks[0]
         length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET if compiled else length
         shape = (batch, first.split[1], length, first.head_dim)
@@ -298,10 +315,22 @@ def layer_step(block: Block, keys, values, x, cos, sin, bias, index) -> torch.Te
     keys.index_copy_(2, index, rotated[:, queries:])
     values.index_copy_(2, index, heads[:, queries + kv_heads :])
     grouped = rotated[:, :queries].reshape(batch, kv_heads, -1, block.head_dim)  # query heads sharing a key head
-    weights = ((grouped @ keys.transpose(-1, -2)) * block.scaling + bias).softmax(-1)
-    out = (weights @ values).view(batch, 1, -1)
+    out = attend(grouped, keys, values, block.scaling, bias).view(batch, 1, -1)
     x = x + block.out(out)
     return x + feed_forward(block, x)
+
+
+def attend(queries, keys, values, scaling: float, bias) -> torch.Tensor:
+    """Attention of ``queries`` (B, H, Q, D) over ``keys``, ``values`` (B, H, L, D) with the additive ``bias``
+    (B, 1, 1, L). Eagerly two batched multiplies; under ``torch.compile`` the same sums as products summed, which
+    inductor fuses with the softmax into a few loops, where its batched multiplies would be oneDNN calls of a few
+    kFLOP each at ~70 µs (SmolLM2: 60 a step, 4 ms)."""
+    if not torch.compiler.is_compiling():
+        weights = ((queries @ keys.transpose(-1, -2)) * scaling + bias).softmax(-1)
+        return weights @ values
+    scores = (queries[:, :, :, None, :] * keys[:, :, None, :, :]).sum(-1)  # (B, H, Q, L)
+    weights = (scores * scaling + bias).softmax(-1)
+    return (weights[..., None] * values[:, :, None, :, :]).sum(-2)
 
 
 _COMPILED = {}  # "step": the compiled one_token (one_token itself after a failed compile)
@@ -376,4 +405,5 @@ def lean_decoder(
     if not _supported(model, length, dtype, packed):
         return None
     compiled = compiled and (not packed or (prepack.compilable() and dtype == torch.float32))
-    return LeanDecoder(model, batch, length, compiled, dtype, packed, graphed=device.type == "cuda")
+    panels = compiled and packed and batch <= small_linear.ROWS and small_linear.available()
+    return LeanDecoder(model, batch, length, compiled, dtype, packed, graphed=device.type == "cuda", panels=panels)
