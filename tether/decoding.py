@@ -7,7 +7,8 @@ with the model's own weights, norms' epsilons and rotary embedding: a static KV 
 gate/up each one multiply, an additive key mask, and only the last position's hidden state and logits. The numbers
 are ``transformers``' to float rounding (tested against its forward for each family, with left padding).
 
-On the CPU its multiplies use oneDNN-packed copies of the weights; on other devices plain ones (q/k/v and gate/up
+On the CPU its multiplies use oneDNN-packed copies of the weights, or with a compiled step on an AVX-512 CPU and
+at most 16 rows the panels of :mod:`tether.small_linear`; on other devices plain ones (q/k/v and gate/up
 concatenated, each weight cast once to the dtype autocast computes in). On CUDA its one-token step, whose tensors
 have the same shapes at every position, is captured once per sampling pass as a CUDA graph (:class:`GraphedStep`)
 and replayed at every later token: one launch per step, where ``transformers`` launches a few hundred kernels from
@@ -322,10 +323,10 @@ def layer_step(block: Block, keys, values, x, cos, sin, bias, index) -> torch.Te
 
 def attend(queries, keys, values, scaling: float, bias) -> torch.Tensor:
     """Attention of ``queries`` (B, H, Q, D) over ``keys``, ``values`` (B, H, L, D) with the additive ``bias``
-    (B, 1, 1, L). Eagerly two batched multiplies; under ``torch.compile`` the same sums as products summed, which
-    inductor fuses with the softmax into a few loops, where its batched multiplies would be oneDNN calls of a few
-    kFLOP each at ~70 µs (SmolLM2: 60 a step, 4 ms)."""
-    if not torch.compiler.is_compiling():
+    (B, 1, 1, L). Two batched multiplies; compiled for the CPU the same sums as products summed, which inductor fuses
+    with the softmax into a few loops, where its batched multiplies would be oneDNN calls of a few kFLOP each at
+    ~70 µs (SmolLM2: 60 a step, 4 ms)."""
+    if not torch.compiler.is_compiling() or queries.device.type != "cpu":
         weights = ((queries @ keys.transpose(-1, -2)) * scaling + bias).softmax(-1)
         return weights @ values
     scores = (queries[:, :, :, None, :] * keys[:, :, None, :, :]).sum(-1)  # (B, H, Q, L)

@@ -70,7 +70,8 @@ class SamplingConfig:
     fast_decoding: bool = True
     """oneDNN-packed weights on the CPU; for Llama families a lean static-cache forward (on CUDA a CUDA graph)."""
     compile: bool = False
-    """With fast_decoding on a Llama family (CPU: float32): torch.compile the one-token step (first rollout pays)."""
+    """With fast_decoding on a Llama family (CPU: float32): torch.compile the one-token step (first rollout pays; on
+    AVX-512 CPUs it also builds a small-batch multiply from C++, once per machine)."""
     max_prompt_length: int = 128
     """Prompts longer than this many tokens are cut from the left."""
     sampler: str = ""
