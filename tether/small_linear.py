@@ -7,7 +7,7 @@ each weight in panels of 16 output columns and prefetches ahead as it streams on
 up to :data:`ROWS` rows; above that oneDNN's blocked multiply is faster (16 rows at a time re-read each panel).
 
 It is built by ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``, as ``torch.compile`` on the CPU needs a
-compiler; about 30 s on two cores, once per machine: torch keeps the build) where ``sampling.compile`` asks for it.
+compiler; 15-30 s on two cores, once per machine: torch keeps the build) where ``sampling.compile`` asks for it.
 Where it cannot be built, or this CPU lacks AVX-512, :func:`available` says False (with one warning for a failed
 build) and the decoder keeps oneDNN's multiply.
 """
