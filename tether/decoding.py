@@ -307,8 +307,8 @@ def one_token(decoder: LeanDecoder, ids: torch.Tensor, positions: torch.Tensor, 
 
 def layer_step(block: Block, keys, values, x, cos, sin, bias, index) -> torch.Tensor:
     """One decoder layer for one new token per row: the residual stream ``x`` (B, 1, d) after it, its key and value
-    written into the layer's cache ``keys``, ``values`` at slot ``index``. Two small batched multiplies, not the fused
-    attention kernel, whose set-up costs more than one query's work."""
+    written into the layer's cache ``keys``, ``values`` at slot ``index``. The attention is :func:`attend`'s, not the
+    fused attention kernel, whose set-up costs more than one query's work."""
     batch = x.shape[0]
     queries, kv_heads = block.split[0], block.split[1]
     heads = block.qkv(rms_norm(x, block.norms[0])).view(batch, 1, -1, block.head_dim).transpose(1, 2)
@@ -400,7 +400,8 @@ def lean_decoder(
     """A :class:`LeanDecoder` for ``model`` computing its linear layers in ``dtype`` (its one-token step compiled
     with ``compiled``, where this PyTorch can: float32 only on the CPU), or None when its architecture is not one this
     module reproduces or this CPU cannot pack ``dtype``. Its weights are oneDNN-packed on the CPU (``packed``: the
-    default there; False takes the plain multiplies other devices use) and its step is graphed on CUDA."""
+    default there; False takes the plain multiplies other devices use; a compiled step of at most 16 rows on an
+    AVX-512 CPU takes :mod:`tether.small_linear`'s panels) and its step is graphed on CUDA."""
     device = model.get_output_embeddings().weight.device
     packed = device.type == "cpu" if packed is None else packed
     if not _supported(model, length, dtype, packed):
